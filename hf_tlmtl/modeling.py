@@ -119,7 +119,9 @@ def resolve_backbone_source(name: str, timm_kwargs: dict[str, Any]) -> tuple[str
             f"backbone {name!r} uses architecture {architecture!r}, which timm {timm.__version__} does not know: "
             "upgrade timm (pip install -U timm)."
         )
-    return architecture, {**(model_args or {}), **timm_kwargs}
+    # The source's classifier size is irrelevant: heads replace it.
+    saved_args = {k: v for k, v in (model_args or {}).items() if k != "num_classes"}
+    return architecture, {**saved_args, **timm_kwargs}
 
 
 def create_backbone(name: str, pretrained: bool = False, **timm_kwargs: Any) -> nn.Module:
