@@ -1,0 +1,479 @@
+"""Transfer-learning strategies on timm's own machinery, and advice on which one to use.
+
+Every strategy is one call on a :class:`~hf_tlmtl.TimmMultiTaskModel`:
+
+- ``feature_extraction``: the backbone is frozen with ``timm.utils.model.freeze`` (BatchNorm becomes
+  ``FrozenBatchNorm2d``, so running statistics stay put even in ``.train()``); heads train.
+- ``fine_tune``: everything trains (``timm.utils.model.unfreeze`` undoes earlier freezing).
+- ``partial``: the bottom layer groups are frozen (BatchNorm included), the top ``trainable_groups``
+  groups train. Groups come from the backbone's ``group_matcher(coarse=True)``, so any timm family works.
+- ``truncate``: the top stages are removed with timm's ``prune_intermediate_layers``; heads are rebuilt
+  for the width of the stage kept and ``config.truncate_stage`` records the cut, so the model saves and
+  reloads truncated. What remains trains (or only its top ``trainable_groups``).
+- ``lora``: peft adapters on the backbone (``hf_tlmtl.adapters.apply_lora``), heads train.
+
+Example:
+    >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+    >>> from hf_tlmtl.transfer import apply_transfer_strategy, recommend_strategy
+    >>> model = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
+    >>> summary = apply_transfer_strategy(model, "partial", trainable_groups=2)
+    >>> [g.name for g in summary.groups if g.trainable]
+    ['layer3.0', 'layer4.0', 'heads.y']
+    >>> recommend_strategy(500, "similar").strategy
+    'feature_extraction'
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from timm.layers.norm_act import FrozenBatchNorm2d, FrozenBatchNormAct2d
+from timm.models._manipulate import group_with_matcher  # group_parameters for any named tensors
+from timm.utils.model import freeze, unfreeze
+from torch import nn
+
+from .modeling import TaskHead, truncate_backbone
+
+STRATEGIES: tuple[str, ...] = ("feature_extraction", "fine_tune", "partial", "truncate", "lora")
+"""Valid values of ``strategy`` / ``MultiTaskTrainingArguments.transfer_strategy``."""
+
+SMALL_DATASET_MAX_SAMPLES = 5_000
+"""A target set with fewer training samples than this is "small" (cases 1 and 2)."""
+
+SIMILARITY_THRESHOLD = 0.5
+"""A numeric similarity at or above this is "similar" (1.0 = the source task itself)."""
+
+LARGE_SIMILAR_TRAINABLE_GROUPS = 2
+"""Case 3 fine-tunes this many top layer groups."""
+
+SMALL_DIFFERENT_LAYER_DECAY = 0.75
+"""Case 2 tunes the kept (generic) layers gently: strong layer-wise LR decay."""
+
+LARGE_DIFFERENT_LAYER_DECAY = 0.9
+"""Case 4 fine-tunes everything, lower layers a little slower."""
+
+
+# ----------------------------------------------------------------------------------- groups
+@dataclass
+class LayerGroup:
+    """One of the backbone's coarse layer groups (timm ``group_matcher(coarse=True)``), bottom first.
+
+    ``names`` are backbone-relative names of its weights: parameters, plus the affine weights of
+    ``FrozenBatchNorm2d`` layers (buffers once frozen), so the grouping does not change when freezing.
+    """
+
+    index: int
+    name: str
+    names: list[str]
+
+
+def _common_prefix(paths: list[list[str]]) -> list[str]:
+    common = paths[0]
+    for path in paths[1:]:
+        n = 0
+        while n < min(len(common), len(path)) and common[n] == path[n]:
+            n += 1
+        common = common[:n]
+    return common
+
+
+def _group_name(names: list[str]) -> str:
+    """Readable name: the common dotted prefix per top-level module (``layer1``, ``blocks.5+norm``)."""
+    by_top: dict[str, list[list[str]]] = {}
+    for n in names:
+        parts = n.split(".")
+        by_top.setdefault(parts[0], []).append(parts[:-1] if len(parts) > 1 else parts)
+    return "+".join(".".join(_common_prefix(paths)) or top for top, paths in by_top.items())
+
+
+def _named_weights(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    weights = dict(backbone.named_parameters())
+    for module_name, module in backbone.named_modules():
+        if isinstance(module, (FrozenBatchNorm2d, FrozenBatchNormAct2d)):
+            for attr in ("weight", "bias"):
+                weights[f"{module_name}.{attr}" if module_name else attr] = getattr(module, attr)
+    return weights
+
+
+def backbone_groups(model: nn.Module) -> list[LayerGroup]:
+    """The backbone's coarse layer groups from timm's ``group_matcher``, bottom (stem) first.
+
+    Example:
+        >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+        >>> m = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
+        >>> [g.name for g in backbone_groups(m)]
+        ['conv1+bn1', 'layer1.0', 'layer2.0', 'layer3.0', 'layer4.0']
+    """
+    backbone = base_model(model).backbone
+    names = list(_named_weights(backbone))
+    if not hasattr(backbone, "group_matcher"):
+        return [LayerGroup(0, "backbone", names)]
+    grouped = group_with_matcher(((n, n) for n in names), backbone.group_matcher(coarse=True))
+    return [LayerGroup(i, _group_name(group), list(group)) for i, group in enumerate(grouped.values())]
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The :class:`~hf_tlmtl.TimmMultiTaskModel` inside a peft / DDP wrapper."""
+    seen = model
+    while not (hasattr(seen, "backbone") and hasattr(seen, "heads")):
+        if hasattr(seen, "get_base_model"):
+            inner = seen.get_base_model()
+        else:
+            inner = getattr(seen, "module", None)
+        if inner is None or inner is seen:
+            raise ValueError(f"Expected a TimmMultiTaskModel (or a peft/DDP wrapper of one), got {type(model).__name__}.")
+        seen = inner
+    return seen
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+# ---------------------------------------------------------------------------------- summary
+@dataclass
+class GroupSummary:
+    """Trainable and total parameter counts of one layer group (or one head)."""
+
+    name: str
+    trainable: int
+    total: int
+
+
+@dataclass
+class TransferSummary:
+    """What trains after :func:`apply_transfer_strategy`; ``str()`` gives a table for logs.
+
+    ``model`` is the model to train: the same object, or the ``peft.PeftModel`` for ``lora``.
+    Frozen BatchNorm affine weights count as frozen parameters.
+    """
+
+    strategy: str | None
+    trainable_params: int
+    total_params: int
+    groups: list[GroupSummary]
+    truncate_stage: int | None = None
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / max(self.total_params, 1)
+
+    def __str__(self) -> str:
+        title = f"Transfer strategy: {self.strategy or 'as is'}"
+        if self.truncate_stage is not None:
+            title += f" (backbone truncated after feature_info[{self.truncate_stage}])"
+        width = max([len(g.name) for g in self.groups] + [5])
+        lines = [
+            title,
+            f"trainable {self.trainable_params:,} / {self.total_params:,} parameters ({100 * self.trainable_fraction:.1f}%)",
+            f"  {'group':<{width}}  {'trainable':>12}  {'total':>12}",
+        ]
+        for g in self.groups:
+            mark = "train" if g.trainable == g.total and g.total else ("part" if g.trainable else "frozen")
+            lines.append(f"  {g.name:<{width}}  {g.trainable:>12,}  {g.total:>12,}  {mark}")
+        return "\n".join(lines)
+
+
+def summarize_trainable(model: nn.Module, strategy: str | None = None) -> TransferSummary:
+    """Trainable / total parameters, per backbone layer group and per head.
+
+    Example:
+        >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+        >>> m = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
+        >>> s = summarize_trainable(m)
+        >>> s.trainable_params == s.total_params == sum(p.numel() for p in m.parameters())
+        True
+    """
+    base = base_model(model)
+    weights = _named_weights(base.backbone)
+    groups = []
+    for group in backbone_groups(base):
+        tensors = [weights[n] for n in group.names]
+        groups.append(
+            GroupSummary(
+                group.name,
+                sum(t.numel() for t in tensors if isinstance(t, nn.Parameter) and t.requires_grad),
+                sum(t.numel() for t in tensors),
+            )
+        )
+    for name, head in base.heads.items():
+        params = list(head.parameters())
+        groups.append(GroupSummary(f"heads.{name}", sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)))
+    owned = {id(p) for p in base.backbone.parameters()} | {id(p) for p in base.heads.parameters()}
+    other = [p for p in model.parameters() if id(p) not in owned]
+    if other:
+        groups.append(GroupSummary("other", sum(p.numel() for p in other if p.requires_grad), sum(p.numel() for p in other)))
+    return TransferSummary(
+        strategy=strategy,
+        trainable_params=sum(g.trainable for g in groups),
+        total_params=sum(g.total for g in groups),
+        groups=groups,
+        truncate_stage=base.config.truncate_stage,
+        model=model,
+    )
+
+
+# ------------------------------------------------------------------------------- strategies
+def freeze_groups(model: nn.Module, groups: list[LayerGroup]) -> None:
+    """Freeze these backbone groups with ``timm.utils.model.freeze`` (BatchNorm -> FrozenBatchNorm2d)."""
+    backbone = base_model(model).backbone
+    params = dict(backbone.named_parameters())
+    names = [n for g in groups for n in g.names]
+    modules = sorted({n.rpartition(".")[0] for n in names if "." in n})
+    if modules:
+        freeze(backbone, modules)
+    for n in names:  # parameters owned by the backbone itself (ViT cls_token, pos_embed)
+        if n in params:
+            params[n].requires_grad_(False)
+
+
+def _check_trainable_groups(trainable_groups: int, groups: list[LayerGroup], model: nn.Module) -> None:
+    if isinstance(trainable_groups, bool) or not isinstance(trainable_groups, numbers.Integral):
+        raise ValueError(f"trainable_groups must be an int, got {trainable_groups!r}.")
+    if not 0 <= trainable_groups <= len(groups):
+        raise ValueError(
+            f"trainable_groups={trainable_groups} is out of range: backbone "
+            f"{base_model(model).config.backbone!r} has {len(groups)} layer groups "
+            f"({', '.join(g.name for g in groups)}); pass 0..{len(groups)}."
+        )
+
+
+def _train_top_groups(model: nn.Module, trainable_groups: int | None) -> None:
+    """Everything trains, then (with ``trainable_groups``) the bottom groups are frozen again."""
+    groups = backbone_groups(model)
+    if trainable_groups is not None:
+        _check_trainable_groups(trainable_groups, groups, model)
+    unfreeze(base_model(model))
+    if trainable_groups is not None and trainable_groups < len(groups):
+        freeze_groups(model, groups[: len(groups) - trainable_groups])
+
+
+def _rebuild_heads(base: nn.Module) -> None:
+    """New heads for the backbone's current width, initialised like the model initialises them."""
+    reference = next(base.backbone.parameters())
+    for task in base.tasks:
+        head = TaskHead(base.head_in_features, task.num_outputs, base.config.head_hidden_size, base.config.head_dropout)
+        base._init_weights(head)
+        base.heads[task.name] = head.to(device=reference.device, dtype=reference.dtype)
+
+
+def _truncate(model: nn.Module, truncate_stage: int | None) -> int:
+    base = base_model(model)
+    current = base.config.truncate_stage
+    if current is not None:
+        if truncate_stage not in (None, current):
+            raise ValueError(
+                f"The model is already truncated at stage {current}; cannot cut again at {truncate_stage}. "
+                "Truncate the untruncated source model instead."
+            )
+        return current
+    backbone = base.backbone
+    if truncate_stage is None and hasattr(backbone, "feature_info"):
+        truncate_stage = len(backbone.feature_info) - 2  # default cut: drop the top stage only
+    truncate_backbone(backbone, truncate_stage if truncate_stage is not None else -1)
+    base.config.truncate_stage = int(truncate_stage)
+    _rebuild_heads(base)
+    return base.config.truncate_stage
+
+
+def _apply_lora(model: nn.Module, lora_kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        from .adapters import apply_lora
+    except ImportError as e:
+        raise ValueError(f"strategy 'lora' needs hf_tlmtl.adapters.apply_lora, which is not available ({e}).") from e
+    return apply_lora(model, **lora_kwargs)
+
+
+def apply_transfer_strategy(
+    model: nn.Module,
+    strategy: str,
+    trainable_groups: int | None = None,
+    truncate_stage: int | None = None,
+    **lora_kwargs: Any,
+) -> TransferSummary:
+    """Make ``model`` train according to a transfer strategy (in place); returns what trains.
+
+    Args:
+        model: A :class:`~hf_tlmtl.TimmMultiTaskModel`.
+        strategy: One of :data:`STRATEGIES`.
+        trainable_groups: ``partial`` (required) and ``truncate`` (optional): how many top layer
+            groups of the (remaining) backbone train; see :func:`backbone_groups`.
+        truncate_stage: ``truncate``: index into the backbone's ``feature_info`` of the last stage
+            kept; ``None`` drops only the top stage.
+        **lora_kwargs: ``lora``: passed to ``hf_tlmtl.adapters.apply_lora`` (``r``, ``alpha``, ...).
+
+    Returns:
+        A :class:`TransferSummary`; for ``lora`` its ``model`` is the ``peft.PeftModel`` to train.
+
+    Example:
+        >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+        >>> model = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
+        >>> s = apply_transfer_strategy(model, "feature_extraction")
+        >>> [g.name for g in s.groups if g.trainable]
+        ['heads.y']
+        >>> s = apply_transfer_strategy(model, "truncate", truncate_stage=2)
+        >>> model.config.truncate_stage, model.head_in_features
+        (2, 48)
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"Unknown transfer strategy {strategy!r}; valid strategies: {list(STRATEGIES)}.")
+    if lora_kwargs and strategy != "lora":
+        raise ValueError(f"Keyword arguments {sorted(lora_kwargs)} only apply to strategy='lora', not {strategy!r}.")
+    if trainable_groups is not None and strategy not in ("partial", "truncate"):
+        raise ValueError(f"trainable_groups applies to 'partial' and 'truncate', not {strategy!r}; leave it None.")
+    if truncate_stage is not None and strategy != "truncate":
+        raise ValueError(f"truncate_stage applies to strategy='truncate' only, not {strategy!r}; leave it None.")
+    if is_peft_model(model):
+        raise ValueError(
+            f"The model already carries peft adapters; {strategy!r} cannot be applied on top. Train the adapters "
+            "as they are (transfer_strategy=None), or merge them first (model.merge_and_unload())."
+        )
+    base = base_model(model)
+    if strategy == "feature_extraction":
+        freeze(base.backbone)
+        backbone_ids = {id(p) for p in base.backbone.parameters()}
+        for p in base.parameters():
+            if id(p) not in backbone_ids:
+                p.requires_grad_(True)
+    elif strategy == "fine_tune":
+        unfreeze(base)
+    elif strategy == "partial":
+        if trainable_groups is None:
+            groups = backbone_groups(base)
+            raise ValueError(
+                f"strategy='partial' needs trainable_groups: how many of the {len(groups)} top layer groups "
+                f"({', '.join(g.name for g in groups)}) train."
+            )
+        _train_top_groups(base, trainable_groups)
+    elif strategy == "truncate":
+        _truncate(base, truncate_stage)
+        _train_top_groups(base, trainable_groups)
+    else:  # lora
+        model = _apply_lora(model, lora_kwargs)
+    return summarize_trainable(model, strategy)
+
+
+# --------------------------------------------------------------------------------- advice
+@dataclass
+class Recommendation:
+    """Advice from :func:`recommend_strategy`; :meth:`training_kwargs` feeds ``MultiTaskTrainingArguments``.
+
+    ``truncate_stage=None`` with ``strategy='truncate'`` means the default cut of
+    :func:`apply_transfer_strategy`: drop only the top stage.
+    """
+
+    strategy: str
+    trainable_groups: int | None
+    truncate_stage: int | None
+    case: int
+    reason: str
+    layer_decay: float | None = None
+
+    def training_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``MultiTaskTrainingArguments`` that follow this advice."""
+        return {
+            "transfer_strategy": self.strategy,
+            "trainable_groups": self.trainable_groups,
+            "truncate_stage": self.truncate_stage,
+            "layer_decay": self.layer_decay,
+        }
+
+
+def _similarity_is_high(similarity: str | float, threshold: float) -> bool:
+    if isinstance(similarity, str):
+        if similarity.lower() not in ("similar", "different"):
+            raise ValueError(f"similarity must be 'similar', 'different' or a number in [0, 1]; got {similarity!r}.")
+        return similarity.lower() == "similar"
+    if isinstance(similarity, bool) or not isinstance(similarity, numbers.Real) or math.isnan(similarity):
+        raise ValueError(f"similarity must be 'similar', 'different' or a number in [0, 1]; got {similarity!r}.")
+    if not 0.0 <= float(similarity) <= 1.0:
+        raise ValueError(f"similarity must be in [0, 1] (1 = the source task itself), got {similarity}.")
+    return float(similarity) >= threshold
+
+
+def recommend_strategy(
+    num_train_samples: int,
+    similarity: str | float,
+    *,
+    small_dataset_max_samples: int = SMALL_DATASET_MAX_SAMPLES,
+    similarity_threshold: float = SIMILARITY_THRESHOLD,
+    top_groups: int = LARGE_SIMILAR_TRAINABLE_GROUPS,
+    model: nn.Module | None = None,
+) -> Recommendation:
+    """The classic four transfer-learning cases (Yosinski et al. 2014; CS231n "Transfer Learning").
+
+    ``num_train_samples < small_dataset_max_samples`` is a *small* target set; ``similarity`` is
+    ``"similar"`` / ``"different"`` or a number in [0, 1] (1 = the source task itself), *similar*
+    when ``>= similarity_threshold``.
+
+    ====  ===============  ===============================================================
+    case  data, similarity  advice
+    ====  ===============  ===============================================================
+    1     small, similar    ``feature_extraction``: source features already fit; a frozen
+                            backbone cannot over-fit the few samples.
+    2     small, different  ``truncate``: keep the early, generic stages and drop the top,
+                            source-specific one; tune what remains with strong layer decay
+                            (:data:`SMALL_DIFFERENT_LAYER_DECAY`).
+    3     large, similar    ``partial``: start from the source and fine-tune the top
+                            ``top_groups`` layer groups.
+    4     large, different  ``fine_tune`` everything with mild layer-wise LR decay
+                            (:data:`LARGE_DIFFERENT_LAYER_DECAY`).
+    ====  ===============  ===============================================================
+
+    With ``model``, case 2 gets its concrete ``truncate_stage`` and case 3 its ``trainable_groups``
+    is capped at the model's number of layer groups.
+
+    Example:
+        >>> rec = recommend_strategy(100_000, 0.2)
+        >>> rec.case, rec.strategy, rec.layer_decay
+        (4, 'fine_tune', 0.9)
+        >>> recommend_strategy(4_999, "different").strategy, recommend_strategy(5_000, "different").strategy
+        ('truncate', 'fine_tune')
+    """
+    if isinstance(num_train_samples, bool) or not isinstance(num_train_samples, numbers.Integral):
+        raise ValueError(f"num_train_samples must be an int, got {num_train_samples!r}.")
+    if num_train_samples < 1:
+        raise ValueError(f"num_train_samples must be >= 1 (the size of the target training set), got {num_train_samples}.")
+    if not 0.0 <= similarity_threshold <= 1.0:
+        raise ValueError(f"similarity_threshold must be in [0, 1], got {similarity_threshold}.")
+    if small_dataset_max_samples < 1 or top_groups < 1:
+        raise ValueError("small_dataset_max_samples and top_groups must be >= 1.")
+    similar = _similarity_is_high(similarity, similarity_threshold)
+    small = num_train_samples < small_dataset_max_samples
+    size = f"{num_train_samples:,} samples ({'<' if small else '>='} {small_dataset_max_samples:,}: {'small' if small else 'large'})"
+    sim = f"similarity {similarity!r} ({'similar' if similar else 'different'})"
+    if small and similar:
+        return Recommendation(
+            "feature_extraction", None, None, 1,
+            f"Case 1, small & similar: {size}, {sim}. The source features already fit the target; freeze the "
+            "backbone and train only the heads, which cannot over-fit the few samples.",
+        )
+    if small:
+        stage = None
+        if model is not None:
+            stage = len(base_model(model).backbone.feature_info) - 2
+        return Recommendation(
+            "truncate", None, stage, 2,
+            f"Case 2, small & different: {size}, {sim}. Early layers are generic, the top stage is specific to "
+            "the source task: drop the top stage, feed the heads from the one below, and tune what remains with "
+            f"strong layer-wise LR decay ({SMALL_DIFFERENT_LAYER_DECAY}).",
+            layer_decay=SMALL_DIFFERENT_LAYER_DECAY,
+        )
+    if similar:
+        groups = top_groups if model is None else min(top_groups, len(backbone_groups(model)))
+        return Recommendation(
+            "partial", groups, None, 3,
+            f"Case 3, large & similar: {size}, {sim}. Initialise from the source and fine-tune the top {groups} "
+            "layer groups; enough data to adapt them without over-fitting, the generic bottom stays frozen.",
+        )
+    return Recommendation(
+        "fine_tune", None, None, 4,
+        f"Case 4, large & different: {size}, {sim}. Enough data to fine-tune the whole network; the source "
+        f"weights are a good start, lower layers move slower (layer_decay={LARGE_DIFFERENT_LAYER_DECAY}).",
+        layer_decay=LARGE_DIFFERENT_LAYER_DECAY,
+    )
