@@ -12,14 +12,31 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
 
-from .balancing import BALANCERS, build_balancer
+from .balancing import BALANCERS, build_balancer, load_balancer_state, save_balancer_state
+from .callbacks import GradualUnfreezeCallback
+from .metrics import build_compute_metrics
+from .optim import layer_decay_param_groups
+from .transfer import STRATEGIES, TransferSummary, apply_transfer_strategy, is_peft_model, summarize_trainable
+
+logger = logging.get_logger(__name__)
+
+try:  # transformers >= 5: optimizer factories (Muon, Dion) build their own groups
+    from transformers.trainer_optimizer import is_optimizer_factory as _is_optimizer_factory
+except ImportError:  # pragma: no cover - older transformers
+
+    def _is_optimizer_factory(optimizer_cls: Any) -> bool:
+        return False
 
 
 @dataclass
@@ -71,6 +88,7 @@ class MultiTaskTrainingArguments(TrainingArguments):
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay} (1.0 means no decay).")
         if self.head_lr_scale <= 0:
             raise ValueError(f"head_lr_scale must be > 0, got {self.head_lr_scale}.")
+        _check_transfer_args(self)
         super().__post_init__()
 
 
@@ -80,21 +98,83 @@ class MultiTaskTrainer(Trainer):
     - ``compute_loss`` combines the task losses with the balancer named by
       ``args.loss_balancing`` and accumulates each task's loss for logging
       (``loss_<task>`` and ``weight_<task>`` next to ``loss``);
-    - ``label_names`` default to the model's task names, so evaluation sees the labels.
+    - ``label_names`` default to the model's task names, so evaluation sees the labels;
+    - ``args.transfer_strategy`` is applied to the model before training
+      (:func:`~hf_tlmtl.transfer.apply_transfer_strategy`; ``self.transfer_summary`` says what trains);
+    - ``create_optimizer`` uses ``--optim``'s class on layer-wise LR decay groups
+      (:func:`~hf_tlmtl.optim.layer_decay_param_groups`), without frozen parameters;
+    - ``gradual_unfreeze=True`` adds :class:`~hf_tlmtl.callbacks.GradualUnfreezeCallback`
+      (``self.gradual_unfreeze``);
+    - a task with no label in a batch is left out of the balancer (its head gets an exact zero
+      gradient); gradient-aggregation balancers (``upgrad``, ``mgda`` ...) replace the backward
+      in ``training_step``; learnable balancer parameters are optimised (own group, no weight
+      decay) and the balancer's state is written into every checkpoint and restored on resume;
+    - ``compute_metrics`` defaults to :func:`~hf_tlmtl.metrics.build_compute_metrics` of the tasks
+      (``eval_<task>_<metric>`` and ``eval_score``).
     """
 
     def __init__(self, model: Any = None, args: MultiTaskTrainingArguments | None = None, **kwargs: Any):
         if args is None:
             args = MultiTaskTrainingArguments(output_dir="tmp_trainer", report_to="none")
         base_model = _unwrap(model)
+        model, self.transfer_summary = _prepare_transfer(model, args)
         self.tasks = list(base_model.tasks)
         if args.label_names is None:
             args.label_names = [t.name for t in self.tasks]
         self.balancer = build_balancer(args.loss_balancing, self.tasks)
         self._task_loss_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(()))
         self._task_loss_counts: dict[str, int] = defaultdict(int)
+        # Per-epoch task-loss means for balancers that adapt once per epoch (DWA); checkpointed.
+        self._epoch_loss_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(()))
+        self._epoch_loss_counts: dict[str, int] = defaultdict(int)
+        self._epochs_closed = 0
+        self._task_by_name = {t.name: t for t in self.tasks}
+        if "compute_metrics" not in kwargs:
+            kwargs["compute_metrics"] = build_compute_metrics(self.tasks, label_names=args.label_names)
+        self._use_feature_caches(base_model, args, kwargs)
         super().__init__(model=model, args=args, **kwargs)
+        if self.transfer_summary is not None and self.is_world_process_zero():
+            logger.info("%s", self.transfer_summary)
+        self.gradual_unfreeze: GradualUnfreezeCallback | None = None
+        if args.gradual_unfreeze:
+            self.gradual_unfreeze = GradualUnfreezeCallback(
+                base_model, max_groups=args.trainable_groups, every_n_steps=args.unfreeze_every_n_steps
+            )
+            self.add_callback(self.gradual_unfreeze)
         self.balancer.to(self.args.device)
+        self.add_callback(_BalancerCallback(self))
+        if self.balancer.requires_grad_aggregation:
+            self._check_grad_aggregation_setup()
+
+    @staticmethod
+    def _use_feature_caches(base_model: Any, args: MultiTaskTrainingArguments, kwargs: dict[str, Any]) -> None:
+        """``cache_features``: replace ``train_dataset`` / ``eval_dataset`` in ``kwargs`` by their feature caches.
+
+        The frozen backbone runs once per dataset (eval transform, no augmentation) through
+        :func:`hf_tlmtl.data.cache_features`; heads then train on ``model(features=...)``. Datasets may
+        be raw splits or :func:`~hf_tlmtl.data.prepare_dataset` outputs (their image column and labelled
+        tasks are kept). The cache lives in the ``datasets`` cache and is reused while backbone
+        weights, data and transform are unchanged.
+        """
+        if not args.cache_features:
+            return
+        if args.transfer_strategy != "feature_extraction":
+            raise ValueError(
+                f"cache_features=True needs transfer_strategy='feature_extraction' (a frozen backbone), got "
+                f"{args.transfer_strategy!r}; set transfer_strategy='feature_extraction' or cache_features=False."
+            )
+        from .data import MultiTaskCollator, cache_features
+
+        def cached(dataset: Any) -> Any:
+            return cache_features(base_model, dataset, batch_size=args.per_device_eval_batch_size, device=args.device)
+
+        for key in ("train_dataset", "eval_dataset"):
+            dataset = kwargs.get(key)
+            if isinstance(dataset, dict):
+                kwargs[key] = {name: cached(split) for name, split in dataset.items()}
+            elif dataset is not None:
+                kwargs[key] = cached(dataset)
+        kwargs.setdefault("data_collator", MultiTaskCollator(base_model.tasks))
 
     # --------------------------------------------------------------------------------- loss
     def compute_loss(
@@ -105,21 +185,41 @@ class MultiTaskTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         outputs = model(**inputs)
+        present, absent = self._split_by_presence(outputs, inputs)
+        loss: Any = self.balancer.combine(present) if present else 0.0
+        # An absent task adds an exact zero that keeps its head in the graph: zero gradient, and
+        # DDP still sees every parameter used.
+        for zero in absent.values():
+            loss = loss + zero
+        if model.training:
+            self._record_task_losses(present)
+        return (loss, outputs) if return_outputs else loss
+
+    def _split_by_presence(self, outputs: Any, inputs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Task losses of the tasks with at least one label in the batch, and of the others.
+
+        Presence is read from the labels (``TaskSpec.label_mask``), not from the loss value: a
+        present task may have an exact zero loss.
+        """
         task_losses = outputs.task_losses or {}
         if not task_losses:
             raise ValueError(
                 f"The batch has no label for any task; expected columns {[t.name for t in self.tasks]} "
                 "(check prepare_dataset / the collator)."
             )
-        loss = self.balancer.combine(task_losses)
-        if model.training:
-            self._record_task_losses(task_losses)
-        return (loss, outputs) if return_outputs else loss
+        present, absent = {}, {}
+        for name, loss in task_losses.items():
+            task = self._task_by_name[name]
+            target = task.prepare_target(inputs[name], outputs.logits[name].shape[0])
+            (present if bool(task.label_mask(target).any()) else absent)[name] = loss
+        return present, absent
 
     def _record_task_losses(self, task_losses: dict[str, torch.Tensor]) -> None:
         for name, value in task_losses.items():
             self._task_loss_sums[name] = self._task_loss_sums[name].to(value.device) + value.detach().float()
             self._task_loss_counts[name] += 1
+            self._epoch_loss_sums[name] = self._epoch_loss_sums[name].to(value.device) + value.detach().float()
+            self._epoch_loss_counts[name] += 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds each task's mean training loss since the last log, and the current task weights."""
@@ -131,6 +231,257 @@ class MultiTaskTrainer(Trainer):
             self._task_loss_sums.clear()
             self._task_loss_counts.clear()
         super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ gradient aggregation
+    def _check_grad_aggregation_setup(self) -> None:
+        method = self.args.loss_balancing
+        if self.args.world_size > 1 or self.args.n_gpu > 1:
+            raise ValueError(
+                f"loss_balancing={method!r} aggregates per-task gradients with torchjd in one process; it does not "
+                f"run under distributed or multi-GPU training (world_size={self.args.world_size}, "
+                f"n_gpu={self.args.n_gpu}). Train on one process and one device, or use "
+                "loss_balancing='static', 'uncertainty' or 'dwa'."
+            )
+        if self.args.fp16:
+            raise ValueError(
+                f"loss_balancing={method!r} back-propagates through torchjd, outside fp16 loss scaling: use bf16=True "
+                "or full precision instead of fp16=True."
+            )
+
+    def training_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """``Trainer.training_step``; with a gradient-aggregation balancer (``upgrad``, ``mgda`` ...)
+        the backward is torchjd's: one backward per present task for the shared backbone (the
+        Jacobian, aggregated into one gradient), each head its own task's gradient. Heads of
+        absent tasks get an exact zero gradient. Losses are scaled by ``1 / accumulation steps``."""
+        if not self.balancer.requires_grad_aggregation:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            outputs = model(**inputs)
+            present, _ = self._split_by_presence(outputs, inputs)
+        self._record_task_losses(present)
+        scale = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        base_model = _unwrap(model)
+        self.balancer.backward(present, features=outputs.pooled, shared_params=base_model.backbone.parameters(), scale=scale)
+        for head in base_model.heads.values():
+            for param in head.parameters():
+                if param.requires_grad and param.grad is None:
+                    param.grad = torch.zeros_like(param)
+        if not present:
+            return torch.zeros((), device=self.args.device)
+        return (self.balancer.combine(present) * scale).detach()
+
+    # ------------------------------------------------------------------ balancer parameters and state
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, plus the balancer's learnable parameters (uncertainty log-variances)."""
+        optimizer = self._create_layer_decay_optimizer(model)
+        self._add_balancer_params(optimizer)
+        return optimizer
+
+    def _create_layer_decay_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """``--optim``'s optimizer class on :func:`~hf_tlmtl.optim.layer_decay_param_groups`.
+
+        Backbone layers get ``learning_rate * layer_decay ** (num_layers - layer_id)`` (all
+        ``learning_rate`` without ``layer_decay``), heads ``learning_rate * head_lr_scale``; frozen
+        parameters are left out, except those gradual unfreezing will unfreeze: they are in from
+        the start (see :mod:`hf_tlmtl.callbacks`).
+        """
+        if self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if _is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
+            if self.gradual_unfreeze is not None:
+                raise ValueError(
+                    f"optim={self.args.optim!r} builds its own parameter groups, so gradual_unfreeze cannot put the "
+                    "groups it unfreezes later in the optimizer; use an AdamW/SGD-style --optim or gradual_unfreeze=False."
+                )
+            logger.warning(
+                "optim=%r builds its own parameter groups: layer_decay and head_lr_scale are not applied.", self.args.optim
+            )
+            return super().create_optimizer(model)
+        scheduled = self.gradual_unfreeze.scheduled_trainable() if self.gradual_unfreeze else contextlib.nullcontext()
+        with scheduled:
+            groups = layer_decay_param_groups(
+                opt_model,
+                lr=self.args.learning_rate,
+                weight_decay=self.args.weight_decay,
+                layer_decay=self.args.layer_decay,
+                head_lr_scale=self.args.head_lr_scale,
+            )
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def _add_balancer_params(self, optimizer: torch.optim.Optimizer) -> None:
+        """Adds learnable balancer parameters as their own group (no weight decay), once."""
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        params = [p for p in self.balancer.parameters() if p.requires_grad and id(p) not in held]
+        if params:
+            optimizer.add_param_group({"params": params, "weight_decay": 0.0})
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """Also writes the balancer's state (``balancer.safetensors`` + ``balancer_state.json``)."""
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            epoch_losses = {
+                name: [float(total), self._epoch_loss_counts[name]] for name, total in self._epoch_loss_sums.items()
+            }
+            extra = {"epoch": self.state.epoch, "epochs_closed": self._epochs_closed, "epoch_task_losses": epoch_losses}
+            save_balancer_state(self.balancer, folder, extra=extra)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        """Restores the balancer in place (its parameters stay the ones the optimizer holds)."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        state = load_balancer_state(self.balancer, resume_from_checkpoint)
+        if state is None:
+            if list(self.balancer.parameters()) or self.balancer.json_state():
+                logger.warning(
+                    f"{resume_from_checkpoint} has no balancer state; loss_balancing={self.args.loss_balancing!r} "
+                    "starts from its initial state."
+                )
+            return
+        self._epoch_loss_sums.clear()
+        self._epoch_loss_counts.clear()
+        for name, (total, count) in state.get("epoch_task_losses", {}).items():
+            self._epoch_loss_sums[name] = torch.tensor(float(total))
+            self._epoch_loss_counts[name] = int(count)
+        self._epochs_closed = int(state.get("epochs_closed", 0))
+        epoch = state.get("epoch") or 0.0
+        # Saved on an epoch's last step, before that epoch ended: the resumed run starts the next
+        # epoch, so close this one now.
+        if abs(epoch - round(epoch)) < 1e-6 and round(epoch) > self._epochs_closed:
+            self._end_balancer_epoch()
+
+    def _sync_balancer_grads(self) -> None:
+        """Under DDP the balancer sits outside the wrapped model: average its gradients over the
+        processes as DDP does for the model (a process without the task contributes zero)."""
+        if self.args.world_size <= 1:
+            return
+        for param in self.balancer.parameters():
+            if not param.requires_grad:
+                continue
+            has_grad = torch.tensor(float(param.grad is not None), device=param.device)
+            grad = param.grad if param.grad is not None else torch.zeros_like(param)
+            grad = self.accelerator.reduce(grad, reduction="sum")
+            if float(self.accelerator.reduce(has_grad, reduction="sum")) > 0:
+                param.grad = grad / self.args.world_size
+
+    def _end_balancer_epoch(self) -> None:
+        """Feeds the epoch's mean training loss of each task (over all processes) to the balancer."""
+        names = [t.name for t in self.tasks]
+        sums = torch.tensor([float(self._epoch_loss_sums.get(n, 0.0)) for n in names], device=self.args.device)
+        counts = torch.tensor([float(self._epoch_loss_counts.get(n, 0)) for n in names], device=self.args.device)
+        if self.args.world_size > 1:
+            sums, counts = self.accelerator.reduce(sums, "sum"), self.accelerator.reduce(counts, "sum")
+        means = {n: float(s / c) for n, s, c in zip(names, sums.tolist(), counts.tolist()) if c > 0}
+        self.balancer.on_epoch_end(means)
+        self._epoch_loss_sums.clear()
+        self._epoch_loss_counts.clear()
+        self._epochs_closed += 1
+
+
+class _BalancerCallback(TrainerCallback):
+    """Averages the balancer's gradients over processes before each optimizer step, clears them
+    after it (the Trainer only zeroes the model's) and closes each epoch for it (DWA adapts its weights from the epoch's mean task losses)."""
+
+    def __init__(self, trainer: MultiTaskTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._sync_balancer_grads()
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer.balancer.zero_grad(set_to_none=True)
+
+    def on_epoch_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer._end_balancer_epoch()
+
+
+def _check_transfer_args(args: MultiTaskTrainingArguments) -> None:
+    """Early, clear errors for transfer options that cannot work together."""
+    strategy = args.transfer_strategy
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ValueError(f"Unknown transfer_strategy {strategy!r}; valid strategies: {list(STRATEGIES)} (or None).")
+    if args.trainable_groups is not None:
+        if args.trainable_groups < 0:
+            raise ValueError(f"trainable_groups must be >= 0, got {args.trainable_groups}.")
+        if strategy not in ("partial", "truncate") and not args.gradual_unfreeze:
+            raise ValueError(
+                f"trainable_groups is used by transfer_strategy 'partial' / 'truncate' or by gradual_unfreeze, "
+                f"not by {strategy!r}; drop it or change the strategy."
+            )
+    if strategy == "partial" and args.trainable_groups is None:
+        raise ValueError("transfer_strategy='partial' needs trainable_groups (how many top layer groups train).")
+    if args.truncate_stage is not None and strategy != "truncate":
+        raise ValueError(f"truncate_stage is used by transfer_strategy='truncate' only, not {strategy!r}.")
+    if args.gradual_unfreeze and strategy in ("feature_extraction", "lora"):
+        raise ValueError(
+            f"gradual_unfreeze unfreezes backbone groups, which transfer_strategy={strategy!r} keeps frozen; use "
+            "transfer_strategy None, 'fine_tune', 'partial' or 'truncate' with it."
+        )
+    if args.unfreeze_every_n_steps is not None:
+        if not args.gradual_unfreeze:
+            raise ValueError("unfreeze_every_n_steps needs gradual_unfreeze=True.")
+        if args.unfreeze_every_n_steps < 1:
+            raise ValueError(f"unfreeze_every_n_steps must be >= 1, got {args.unfreeze_every_n_steps}.")
+
+
+def _lora_kwargs(args: MultiTaskTrainingArguments) -> dict[str, Any]:
+    """The ``lora_*`` arguments, as far as ``hf_tlmtl.adapters.apply_lora`` accepts them."""
+    import inspect
+
+    try:
+        from .adapters import apply_lora
+    except ImportError as e:
+        raise ValueError(f"transfer_strategy='lora' needs hf_tlmtl.adapters.apply_lora, which is not available ({e}).") from e
+
+    wanted = {
+        "r": args.lora_r,
+        "alpha": args.lora_alpha,
+        "target_modules": args.lora_target_modules,
+        "method": args.lora_method,
+        "adapter_name": args.adapter_name,
+    }
+    accepted = inspect.signature(apply_lora).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return wanted
+    return {k: v for k, v in wanted.items() if k in accepted}
+
+
+def _prepare_transfer(model: Any, args: MultiTaskTrainingArguments) -> tuple[Any, TransferSummary | None]:
+    """Applies ``args.transfer_strategy`` to ``model`` (a peft model with 'lora' is taken as it is)."""
+    strategy = args.transfer_strategy
+    if strategy is None:
+        return model, None
+    if is_peft_model(model):
+        if strategy != "lora":
+            raise ValueError(
+                f"The model already carries peft adapters; transfer_strategy={strategy!r} cannot be applied on top. "
+                "Use transfer_strategy='lora' or None to train the adapters, or merge them first (merge_and_unload())."
+            )
+        return model, summarize_trainable(model, strategy)
+    if strategy == "lora":
+        summary = apply_transfer_strategy(model, strategy, **_lora_kwargs(args))
+    else:
+        summary = apply_transfer_strategy(
+            model,
+            strategy,
+            trainable_groups=args.trainable_groups if strategy in ("partial", "truncate") else None,
+            truncate_stage=args.truncate_stage,
+        )
+    return summary.model, summary
 
 
 def _unwrap(model: Any) -> Any:
