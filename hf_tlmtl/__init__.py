@@ -1,7 +1,9 @@
 """hf_tlmtl: transfer learning and multi-task learning on any timm backbone, the Hugging Face way.
 
 Importing the package registers ``TimmMultiTaskConfig`` / ``TimmMultiTaskModel`` with
-``AutoConfig`` / ``AutoModel`` so saved models load without ``trust_remote_code``.
+``AutoConfig`` / ``AutoModel`` so saved models load without ``trust_remote_code``,
+``TimmMultiTaskImageProcessor`` with ``AutoImageProcessor``, and the
+``"multitask-image-classification"`` pipeline with ``transformers.pipeline``.
 
 Example:
     >>> import hf_tlmtl, transformers
@@ -9,15 +11,33 @@ Example:
     'TimmMultiTaskConfig'
 """
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration import TimmMultiTaskConfig
+from .image_processing import TimmMultiTaskImageProcessor
 from .modeling import MultiTaskOutput, TimmMultiTaskModel
+from .pipeline import PIPELINE_TASK, MultiTaskImageClassificationPipeline
 from .tasks import TaskSpec
 
 __version__ = "0.1.0"
 
 AutoConfig.register(TimmMultiTaskConfig.model_type, TimmMultiTaskConfig, exist_ok=True)
 AutoModel.register(TimmMultiTaskConfig, TimmMultiTaskModel, exist_ok=True)
+AutoImageProcessor.register(
+    TimmMultiTaskConfig, image_processor_classes={"pil": TimmMultiTaskImageProcessor}, exist_ok=True
+)
+if PIPELINE_TASK not in PIPELINE_REGISTRY.supported_tasks:
+    PIPELINE_REGISTRY.register_pipeline(
+        PIPELINE_TASK, pipeline_class=MultiTaskImageClassificationPipeline, pt_model=AutoModel, type="image"
+    )
 
-__all__ = ["MultiTaskOutput", "TaskSpec", "TimmMultiTaskConfig", "TimmMultiTaskModel", "__version__"]
+__all__ = [
+    "MultiTaskImageClassificationPipeline",
+    "MultiTaskOutput",
+    "TaskSpec",
+    "TimmMultiTaskConfig",
+    "TimmMultiTaskImageProcessor",
+    "TimmMultiTaskModel",
+    "__version__",
+]

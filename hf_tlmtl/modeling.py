@@ -391,3 +391,13 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
         if task_losses:
             loss = sum(self._task_by_name[name].weight * value for name, value in task_losses.items())
         return MultiTaskOutput(loss=loss, logits=logits, task_losses=task_losses or None, pooled=features)
+
+    # ----------------------------------------------------------------------------------- save
+    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **kwargs: Any) -> None:
+        """``PreTrainedModel.save_pretrained``, plus ``preprocessor_config.json`` (timm's eval transform for
+        ``config.data_config``) so that ``AutoImageProcessor.from_pretrained(save_directory)`` works."""
+        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        if self.should_save_on_this_rank(is_main_process):
+            from .image_processing import TimmMultiTaskImageProcessor  # local: keeps modeling free of processor imports
+
+            TimmMultiTaskImageProcessor.from_config(self.config).save_pretrained(save_directory)
