@@ -182,6 +182,8 @@ class TimmMultiTaskPreTrainedModel(PreTrainedModel):
     # Labels arrive as **kwargs by task name: they are not loss kwargs for the Trainer.
     accepts_loss_kwargs = False
     _no_split_modules: list[str] = []
+    # A backbone saved while frozen (FrozenBatchNorm2d) has no BatchNorm step counters; they are rebuilt as 0.
+    _keys_to_ignore_on_load_missing = [r"num_batches_tracked"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -191,6 +193,10 @@ class TimmMultiTaskPreTrainedModel(PreTrainedModel):
                 if isinstance(layer, nn.Linear):
                     init.trunc_normal_(layer.weight, std=self.config.initializer_range)
                     init.zeros_(layer.bias)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.num_batches_tracked is not None:
+            # Only reached for modules the checkpoint did not fully cover: without this the counter is
+            # uninitialised memory after a meta-device load.
+            module.num_batches_tracked.zero_()
         elif hasattr(module, "init_non_persistent_buffers"):
             # Relative-position index buffers are not saved; rebuild them after a meta-device load.
             module.init_non_persistent_buffers()
@@ -325,6 +331,10 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
             "Re-headed %s: reused heads %s, new heads %s, dropped heads %s.",
             pretrained_model_name_or_path, reused, fresh, sorted(set(old) - {t.name for t in new}),
         )
+        # transformers skips custom-code modules without direct parameters (TaskHead) when it initialises
+        # missing keys, which would leave the new heads as uninitialised memory (NaN / garbage): do it here.
+        for name in fresh:
+            model._init_weights(model.heads[name])
         model.reused_heads, model.new_heads = reused, fresh
         return model
 

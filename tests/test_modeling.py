@@ -127,7 +127,10 @@ def test_reheading_keeps_backbone_and_matching_heads(tmp_path):
     for key, value in model.heads["shape"].state_dict().items():
         assert torch.equal(reheaded.heads["shape"].state_dict()[key], value)
     assert reheaded.heads["scale"].fc.weight.shape == (2, model.head_in_features)
-    assert reheaded.heads["scale"].fc.weight.abs().sum() > 0  # initialised, not left empty
+    for name in ("scale", "age"):  # initialised like new heads (trunc-normal 0.02, zero bias), not left as raw memory
+        fc = reheaded.heads[name].fc
+        assert torch.isfinite(fc.weight).all() and 0.005 < fc.weight.std() < 0.05, name
+        assert torch.equal(fc.bias, torch.zeros_like(fc.bias)), name
     assert "attrs" not in reheaded.heads
     assert [t.name for t in reheaded.config.task_specs] == ["shape", "scale", "age"]
 
@@ -207,3 +210,19 @@ def test_auto_classes_are_registered():
     model = transformers.AutoModel.from_config(config)
     assert isinstance(model, TimmMultiTaskModel)
     assert hf_tlmtl.TimmMultiTaskConfig is type(config)
+
+
+def test_batchnorm_counters_survive_reload_and_are_zero_when_saved_frozen(tmp_path):
+    from hf_tlmtl.transfer import apply_transfer_strategy
+
+    model = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")], image_size=32)
+    model.train()(pixel_values=torch.randn(2, 3, 32, 32))  # one BatchNorm update: counters become 1
+    model.save_pretrained(tmp_path / "trained")
+    reloaded = TimmMultiTaskModel.from_pretrained(tmp_path / "trained")
+    counters = {n: int(b) for n, b in reloaded.named_buffers() if n.endswith("num_batches_tracked")}
+    assert counters and set(counters.values()) == {1}
+
+    apply_transfer_strategy(model, "feature_extraction")  # FrozenBatchNorm2d: no counters in the checkpoint
+    model.save_pretrained(tmp_path / "frozen")
+    reloaded = TimmMultiTaskModel.from_pretrained(tmp_path / "frozen")
+    assert {int(b) for n, b in reloaded.named_buffers() if n.endswith("num_batches_tracked")} == {0}
