@@ -460,6 +460,17 @@ def _lora_kwargs(args: MultiTaskTrainingArguments) -> dict[str, Any]:
     return {k: v for k, v in wanted.items() if k in accepted}
 
 
+def _select_adapter(model: Any, args: MultiTaskTrainingArguments) -> Any:
+    """A peft model given with ``transfer_strategy='lora'`` trains ``args.adapter_name``: the existing adapter of
+    that name (made active and trainable), or a new one added next to the others on the same backbone."""
+    if args.adapter_name in model.peft_config:
+        model.set_adapter(args.adapter_name)
+        return model
+    from .adapters import apply_lora
+
+    return apply_lora(model, **_lora_kwargs(args))
+
+
 def _prepare_transfer(model: Any, args: MultiTaskTrainingArguments) -> tuple[Any, TransferSummary | None]:
     """Applies ``args.transfer_strategy`` to ``model`` (a peft model with 'lora' is taken as it is)."""
     strategy = args.transfer_strategy
@@ -471,6 +482,7 @@ def _prepare_transfer(model: Any, args: MultiTaskTrainingArguments) -> tuple[Any
                 f"The model already carries peft adapters; transfer_strategy={strategy!r} cannot be applied on top. "
                 "Use transfer_strategy='lora' or None to train the adapters, or merge them first (merge_and_unload())."
             )
+        model = _select_adapter(model, args)
         return model, summarize_trainable(model, strategy)
     if strategy == "lora":
         summary = apply_transfer_strategy(model, strategy, **_lora_kwargs(args))

@@ -119,7 +119,8 @@ def backbone_groups(model: nn.Module) -> list[LayerGroup]:
 def base_model(model: nn.Module) -> nn.Module:
     """The :class:`~hf_tlmtl.TimmMultiTaskModel` inside a peft / DDP wrapper."""
     seen = model
-    while not (hasattr(seen, "backbone") and hasattr(seen, "heads")):
+    # A PeftModel forwards attribute lookups to the model inside, so unwrap it before the duck-type check.
+    while is_peft_model(seen) or not (hasattr(seen, "backbone") and hasattr(seen, "heads")):
         if hasattr(seen, "get_base_model"):
             inner = seen.get_base_model()
         else:
