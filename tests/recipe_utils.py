@@ -1,0 +1,130 @@
+"""Shared helpers of the recipe tests (tests/test_recipe_*.py, tests/test_predict.py).
+
+The recipes run for real, in a subprocess, the way a user runs them: ``python recipes/finetune.py``
+or ``accelerate launch recipes/finetune.py``, on timm's ``test_resnet`` (random init) and tiny
+images, offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+FINETUNE = REPO / "recipes" / "finetune.py"
+PREDICT = REPO / "recipes" / "predict.py"
+ACCELERATE = Path(sys.executable).parent / "accelerate"
+
+# A run of a few seconds: test_resnet at 32 px, tens of rows, one epoch, no checkpoints.
+TINY = [
+    "--backbone", "test_resnet",
+    "--pretrained", "false",
+    "--image_size", "32",
+    "--embedded_image_size", "32",
+    "--num_train_epochs", "1",
+    "--per_device_train_batch_size", "8",
+    "--per_device_eval_batch_size", "16",
+    "--learning_rate", "0.003",
+    "--logging_steps", "1",
+    "--save_strategy", "no",
+    "--eval_strategy", "no",
+    "--report_to", "none",
+    "--disable_tqdm", "true",
+    "--dataloader_num_workers", "0",
+    "--seed", "0",
+]
+
+
+def recipe_env(tmp: Path) -> dict[str, str]:
+    """Offline, one thread per process, a private datasets cache (other test workers run beside us)."""
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+        HF_DATASETS_CACHE=str(tmp / "hf_datasets_cache"),
+        MPLBACKEND="Agg",
+    )
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def run_script(
+    script: Path, args: Sequence[str], tmp: Path, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        cwd=str(cwd or tmp),
+        env=recipe_env(tmp),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def run_finetune(args: Sequence[str], tmp: Path, **kwargs) -> subprocess.CompletedProcess:
+    return run_script(FINETUNE, args, tmp, **kwargs)
+
+
+def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def summary(output_dir: Path) -> dict:
+    return json.loads((output_dir / "training_summary.json").read_text())
+
+
+def random_image(rng: np.random.Generator, size: int = 32, tint: int = 0) -> Image.Image:
+    """A noisy image whose mean colour depends on ``tint`` (so classes are learnable)."""
+    base = np.zeros((size, size, 3), dtype=np.float32)
+    base[..., tint % 3] = 160.0
+    pixels = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def write_image_folder(root: Path, classes: Sequence[str], per_class: int, size: int = 32, seed: int = 0) -> Path:
+    """``root/<class>/<i>.png``: the layout of datasets' ``imagefolder``."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            random_image(rng, size, tint=c).save(root / name / f"{name}_{i}.png")
+    return root
+
+
+def write_image_table(root: Path, rows: int = 24, size: int = 32, seed: int = 0) -> "tuple[Path, list[dict]]":
+    """Images under ``root/images`` and the records of a table describing them (relative paths).
+
+    Columns: ``path``, ``kind`` (class names as text: classification), ``brightness`` (float:
+    regression), ``tags`` (list of text: multilabel; Parquet only), ``id`` (int, not a task).
+    """
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    kinds = ["cat", "dog", "fox"]
+    records = []
+    for i in range(rows):
+        kind = i % 3
+        image = random_image(rng, size, tint=kind)
+        name = f"images/img_{i:03d}.png"
+        image.save(root / name)
+        records.append(
+            {
+                "path": name,
+                "kind": kinds[kind],
+                "brightness": float(np.asarray(image).mean() / 255.0),
+                "tags": [t for t, on in (("round", i % 2 == 0), ("small", i % 4 < 2)) if on],
+                "id": 1000 + i,
+            }
+        )
+    return root, records

@@ -1,0 +1,83 @@
+"""A real ``accelerate launch --multi_gpu --num_processes 2`` of recipes/finetune.py on CPU (gloo).
+
+Compared with one process at the same global batch (2 x 4 = 1 x 8), same seed and data order.
+The backbone is frozen (``feature_extraction``: BatchNorm too), so the data-parallel run computes
+the same mean gradient as the single process and its eval metrics agree to float rounding
+(tolerance 1e-4 absolute). With a BatchNorm backbone that trains, each process normalises its own
+4 images instead of 8: close, not equal, which is why this comparison freezes it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recipe_utils import ACCELERATE, FINETUNE, TINY, check_ok, recipe_env, run_finetune, summary
+
+COMMON = [
+    *TINY,
+    "--dataset", "shapes", "--n_train", "64", "--n_eval", "16", "--tasks", "shape,scale,marks",
+    "--augment", "false", "--transfer_strategy", "feature_extraction", "--learning_rate", "0.02",
+    "--num_train_epochs", "2", "--per_device_eval_batch_size", "4",
+]
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distributed")
+    two = tmp / "two_processes"
+    launch = [
+        str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        str(FINETUNE), *map(str, COMMON), "--per_device_train_batch_size", "4", "--output_dir", str(two),
+    ]
+    distributed = subprocess.run(launch, cwd=tmp, env=recipe_env(tmp), capture_output=True, text=True, timeout=300)
+    check_ok(distributed)
+    one = tmp / "one_process"
+    check_ok(run_finetune([*COMMON, "--per_device_train_batch_size", "8", "--output_dir", one], tmp))
+    return two, one, distributed
+
+
+def test_two_processes_trained_data_parallel(runs):
+    two, one, _ = runs
+    info = summary(two)
+    assert info["world_size"] == 2 and info["written_by_process"] == 0
+    steps = json.loads((two / "trainer_state.json").read_text())["global_step"]
+    # 64 rows, global batch 8, 2 epochs: 16 steps (two lone processes would have made 32 each).
+    assert steps == json.loads((one / "trainer_state.json").read_text())["global_step"] == 16
+
+
+def test_only_the_main_process_wrote(runs):
+    two, _, proc = runs
+    assert proc.stdout.count("== hf_tlmtl finetune ==") == 1
+    assert proc.stdout.count("== Results on the validation split") == 1
+    assert "global batch 8 (2 process(es) x 4)" in proc.stdout
+    names = sorted(p.name for p in two.iterdir())
+    assert names == sorted(
+        ["README.md", "config.json", "model.safetensors", "preprocessor_config.json", "trainer_state.json",
+         "training_args.bin", "training_curves.png", "training_summary.json"]
+    )
+
+
+def test_saved_model_loads_and_matches_one_process_run(runs):
+    import transformers
+
+    import hf_tlmtl  # noqa: F401
+
+    two, one, _ = runs
+    model = transformers.AutoModel.from_pretrained(two)
+    assert model.task_names == ["shape", "scale", "marks"]
+    a, b = load_file(two / "model.safetensors"), load_file(one / "model.safetensors")
+    for key in a:
+        if a[key].is_floating_point():
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=TOLERANCE, msg=key)
+    eval_two, eval_one = summary(two)["eval"], summary(one)["eval"]
+    compared = [k for k in eval_one if k.startswith("eval_") and k.split("_")[1] in ("loss", "shape", "scale", "marks")]
+    assert len(compared) >= 8
+    for key in compared:
+        assert eval_two[key] == pytest.approx(eval_one[key], abs=TOLERANCE), key
