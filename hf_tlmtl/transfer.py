@@ -429,6 +429,11 @@ def recommend_strategy(
     With ``model``, case 2 gets its concrete ``truncate_stage`` and case 3 its ``trainable_groups``
     is capped at the model's number of layer groups.
 
+    The rules assume a *broad* source (ImageNet-scale pre-training). With a narrow source (few
+    classes, or a network trained from scratch on little data) its top-stage features are too
+    specific for case 1: ``recipes/transfer_study.py`` measured feature extraction 0.27 accuracy
+    below fine-tuning there (``benchmarks/transfer_study/``); use ``truncate`` instead, as in case 2.
+
     Example:
         >>> rec = recommend_strategy(100_000, 0.2)
         >>> rec.case, rec.strategy, rec.layer_decay
