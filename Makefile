@@ -15,11 +15,14 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		recipes/finetune.py recipes/configs/default.yaml --overwrite_output_dir true
 
+# One torch thread per xdist worker: two workers x two OpenMP threads on 2 cores spin against each other.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 --dist loadfile -q
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile -q
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/step_overhead.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/feature_cache.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/adapters.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -11,6 +11,7 @@ ratios are printed and written to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -79,9 +80,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 is steadier on a shared CPU)")
     parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     models = build_contenders(args.backbone, device, args.channels_last)
     g = torch.Generator().manual_seed(0)
@@ -118,7 +122,8 @@ def main() -> None:
         f"{'bf16' if args.bf16 else 'fp32'}{', channels_last' if args.channels_last else ''})",
         "",
         f"Device: {device_name}; torch {torch.__version__}, timm {timm.__version__}, transformers {transformers.__version__}; "
-        f"{args.reps} interleaved repetitions after {args.warmup} warm-up rounds; median step time.",
+        f"{args.reps} interleaved repetitions after {args.warmup} warm-up rounds; median step time; "
+        f"1-min load average at the end {os.getloadavg()[0]:.1f} (other jobs on a CPU inflate the spread).",
         "",
         "| contender | median step (ms) | ratio vs plain timm |",
         "|---|---|---|",

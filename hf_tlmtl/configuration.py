@@ -40,7 +40,7 @@ class TimmMultiTaskConfig(PreTrainedConfig):
         >>> config = TimmMultiTaskConfig(backbone="test_resnet", tasks=[TaskSpec(name="y", type="regression")])
         >>> config.task_specs[0].num_outputs
         1
-        >>> TimmMultiTaskConfig.from_json_string(config.to_json_string()) == config
+        >>> TimmMultiTaskConfig.from_json_string(config.to_json_string()).to_dict() == config.to_dict()
         True
     """
 

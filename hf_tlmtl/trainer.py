@@ -80,6 +80,10 @@ class MultiTaskTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: image transforms need the raw dataset columns."}
     )
+    dataloader_pin_memory: bool = field(
+        default_factory=torch.cuda.is_available,
+        metadata={"help": "Pin batches in page-locked memory (default: only when a CUDA device is present)."},
+    )
 
     def __post_init__(self) -> None:
         if self.loss_balancing not in BALANCERS:
