@@ -19,7 +19,6 @@ Writes into ``output_dir``: the model (``config.json`` + ``model.safetensors``, 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -29,8 +28,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -42,6 +39,15 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402
 
 import hf_tlmtl  # noqa: E402,F401  (registers the Auto classes)
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel  # noqa: E402
+from hf_tlmtl.cli import (  # noqa: E402
+    YAML_SUFFIXES,
+    UsageError,
+    known_arguments,
+    reject_unknown,
+    run_or_exit,
+    yaml_to_argv,
+)
+from hf_tlmtl.cli import build_parser as build_dataclass_parser  # noqa: E402
 from hf_tlmtl.curves import plot_training_curves  # noqa: E402
 from hf_tlmtl.data import MultiTaskCollator, build_transforms, prepare_dataset  # noqa: E402
 from hf_tlmtl.sources import load_image_dataset, resolve_tasks  # noqa: E402
@@ -121,56 +127,13 @@ class RunArguments:
     model_card: bool = field(default=True, metadata={"help": "Write the model card (README.md) into output_dir."})
 
 
-class UsageError(ValueError):
-    """Bad input: reported in one line with exit code 2."""
-
-
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, RunArguments, MultiTaskTrainingArguments)
 
 
 # --------------------------------------------------------------------------------- arguments
-def _raise_usage(message: str) -> None:
-    raise UsageError(message)
-
-
 def build_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(ARGUMENT_CLASSES, allow_abbrev=False)
-    parser.error = _raise_usage  # one-line errors, not argparse's usage dump
-    return parser
-
-
-def _closest(key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else "; see --help for the arguments"
-
-
-def yaml_to_argv(config_path: Path, parser: HfArgumentParser) -> list[str]:
-    """The YAML file as ``--key value`` strings, so argparse converts types and later CLI values win."""
-    if not config_path.is_file():
-        raise UsageError(f"config file {str(config_path)!r} not found")
-    try:
-        values = yaml.safe_load(config_path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UsageError(f"{config_path.name} is not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(values, dict):
-        raise UsageError(f"{config_path.name} must be a mapping of argument: value, got {type(values).__name__}")
-    known = sorted(a.dest for a in parser._actions if a.dest != "help")
-    argv: list[str] = []
-    for key, value in values.items():
-        if key not in known:
-            raise UsageError(f"{config_path.name}: unknown key {key!r}{_closest(str(key), known)}")
-        if value is None:
-            continue
-        action = parser._option_string_actions[f"--{key}"]
-        if isinstance(value, (list, tuple)) and action.nargs in ("+", "*"):
-            argv += [f"--{key}", *(str(v) for v in value)]
-        elif isinstance(value, (list, tuple, dict)):
-            argv += [f"--{key}", json.dumps(value)]
-        elif isinstance(value, bool):
-            argv += [f"--{key}", str(value).lower()]
-        else:
-            argv += [f"--{key}", str(value)]
-    return argv
+    """All of this recipe's arguments; bad ones raise ``UsageError`` (one line, exit code 2)."""
+    return build_dataclass_parser(*ARGUMENT_CLASSES)
 
 
 def parse_arguments(
@@ -178,7 +141,7 @@ def parse_arguments(
 ) -> tuple[ModelArguments, DataArguments, RunArguments, MultiTaskTrainingArguments]:
     """``[CONFIG.yaml] [--key value ...]`` -> the four argument dataclasses (command line over YAML over defaults)."""
     parser = build_parser()
-    if argv and argv[0].endswith((".yaml", ".yml")):
+    if argv and argv[0].endswith(YAML_SUFFIXES):
         argv = yaml_to_argv(Path(argv[0]), parser) + argv[1:]
     if not _accelerator_available():
         # Without it, TrainingArguments under `accelerate launch --multi_gpu --num_processes N` on a
@@ -191,10 +154,7 @@ def parse_arguments(
         raise
     except (ValueError, TypeError) as e:  # raised by a dataclass's __post_init__
         raise UsageError(str(e)) from None
-    if unknown:
-        known = sorted(a.dest for a in parser._actions if a.dest != "help")
-        first = next((u for u in unknown if u.startswith("--")), unknown[0])
-        raise UsageError(f"unknown argument {first!r}{_closest(first.lstrip('-'), known)}")
+    reject_unknown(unknown, known_arguments(parser), fallback="; see --help for the arguments")
     model_args, data_args, run_args, training_args = parsed
     return model_args, data_args, run_args, training_args
 
@@ -641,11 +601,7 @@ def describe_results(run: Run, summary: dict[str, Any], out: Path) -> str:
 
 def main(argv: list[str]) -> dict[str, Any]:
     """Set up (exit 2 on bad input), then train, evaluate and save."""
-    try:
-        run = setup(argv)
-    except ValueError as e:  # UsageError and the library's "what to change" errors
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run = run_or_exit(setup, argv)  # UsageError and the library's "what to change" errors
     return train_and_save(run)
 
 

@@ -16,21 +16,20 @@ stops with exit code 2 and a one-line reason before anything is trained.
 
 from __future__ import annotations
 
-import difflib
 import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from transformers import HfArgumentParser, set_seed
+from transformers import set_seed
 
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
 from hf_tlmtl.balancing import BALANCERS
+from hf_tlmtl.cli import UsageError, build_parser, parse_experiment_argv, run_or_exit
 from hf_tlmtl.data import MultiTaskCollator, prepare_dataset
 from hf_tlmtl.embedded import SHAPES_FEATURES, load_embedded_dataset
 from hf_tlmtl.metrics import LOWER_IS_BETTER, MAIN_METRIC, delta_m
@@ -55,44 +54,18 @@ class ExperimentArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing results.json."})
 
 
-class UsageError(Exception):
-    pass
-
-
 def parse_arguments(argv: list[str]) -> tuple[ExperimentArguments, list[str], Path]:
     """``[CONFIG.yaml] [--key value ...]`` (command line over YAML over defaults): the experiment
     arguments, the ``MultiTaskTrainingArguments`` argv every run parses, and the output folder."""
-    if argv and argv[0].endswith((".yaml", ".yml")):
-        path = Path(argv[0])
-        if not path.is_file():
-            raise UsageError(f"config file {str(path)!r} not found")
-        values = yaml.safe_load(path.read_text()) or {}
-        from_yaml = [str(v).lower() if isinstance(v, bool) else str(v) for kv in values.items() for v in kv]
-        argv = [f"--{x}" if i % 2 == 0 else x for i, x in enumerate(from_yaml)] + argv[1:]
-    if len(argv) % 2:
-        raise UsageError(f"arguments come as --key value pairs; {argv[-1]} has no value")
-    experiment_keys = {f.name for f in fields(ExperimentArguments)}
-    training_keys = {f.name for f in fields(MultiTaskTrainingArguments)}
-    experiment_argv, training_argv, output_dir = [], [], Path("outputs/mtl_vs_single")
-    for key, value in zip(argv[::2], argv[1::2]):
-        name = key.removeprefix("--")
-        if name == "output_dir":
-            output_dir = Path(value)
-        elif name in experiment_keys:
-            experiment_argv += [key, value]
-        elif name in training_keys:
-            training_argv += [key, value]
-        else:
-            close = difflib.get_close_matches(name, sorted(experiment_keys | training_keys), n=1)
-            raise UsageError(f"unknown argument {key}" + (f"; did you mean --{close[0]}?" if close else ""))
-    (experiment,) = HfArgumentParser(ExperimentArguments).parse_args_into_dataclasses(args=experiment_argv)
+    experiment, training_argv, output_dir = parse_experiment_argv(
+        argv, ExperimentArguments, MultiTaskTrainingArguments, output_dir="outputs/mtl_vs_single"
+    )
     training_arguments(training_argv, output_dir, "static")  # fail early on bad training arguments
     return experiment, training_argv, output_dir
 
 
 def training_arguments(training_argv: list[str], output_dir: Path, method: str) -> MultiTaskTrainingArguments:
-    parser = HfArgumentParser(MultiTaskTrainingArguments)
-    (args,) = parser.parse_args_into_dataclasses(
+    (args,) = build_parser(MultiTaskTrainingArguments).parse_args_into_dataclasses(
         args=training_argv + ["--output_dir", str(output_dir), "--loss_balancing", method, "--save_strategy", "no"]
     )
     return args
@@ -210,8 +183,4 @@ def main(argv: list[str]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (UsageError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_or_exit(main, sys.argv[1:])

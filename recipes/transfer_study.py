@@ -33,7 +33,6 @@ Bad input stops with exit code 2 and a one-line reason before anything is traine
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -42,18 +41,18 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from datasets import ClassLabel, Dataset, DatasetDict, load_from_disk
-from transformers import HfArgumentParser, set_seed
+from transformers import set_seed
 
 import hf_tlmtl  # noqa: F401 - registers the Auto classes
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+from hf_tlmtl.cli import YAML_SUFFIXES, UsageError, build_parser, parse_experiment_argv, run_or_exit
 from hf_tlmtl.data import MultiTaskCollator, prepare_dataset
 from hf_tlmtl.metrics import LOWER_IS_BETTER, MAIN_METRIC
 from hf_tlmtl.sources import infer_tasks, load_image_dataset
@@ -150,8 +149,9 @@ class StudyArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing results.json."})
 
 
-class UsageError(Exception):
-    """Bad input: the CLI prints it on one line and exits with code 2, before anything is trained."""
+@dataclass
+class FullFlag:
+    full: bool = field(default=False, metadata={"help": "The longer setting of FULL_SETTING (later --key value still win)."})
 
 
 @dataclass
@@ -181,50 +181,21 @@ def parse_arguments(argv: list[str]) -> tuple[StudyArguments, list[str], Path, b
     Returns the study arguments, the ``MultiTaskTrainingArguments`` argv shared by every run,
     the output folder and whether ``--full`` was given.
     """
-    values: dict[str, Any] = {}
-    if argv and argv[0].endswith((".yaml", ".yml")):
-        path = Path(argv[0])
-        if not path.is_file():
-            raise UsageError(f"config file {str(path)!r} not found")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise UsageError(f"config file {str(path)!r} must hold a mapping of key: value")
-        argv = argv[1:]
-    full, rest, i = False, [], 0
-    while i < len(argv):
-        if argv[i] == "--full":
-            if i + 1 < len(argv) and argv[i + 1].lower() in ("true", "false"):
-                full, i = argv[i + 1].lower() == "true", i + 2
-            else:
-                full, i = True, i + 1
-        else:
-            rest.append(argv[i])
-            i += 1
-    if full:
-        values = {**values, **FULL_SETTING}
-    argv = _pairs(values) + rest
-    if len(argv) % 2:
-        raise UsageError(f"arguments come as --key value pairs; {argv[-1]} has no value")
-    study_keys = {f.name for f in fields(StudyArguments)}
-    training_keys = {f.name for f in fields(MultiTaskTrainingArguments)}
-    study_argv, training_argv, output_dir = [], [], Path("outputs/transfer_study")
-    for key, value in zip(argv[::2], argv[1::2]):
-        name = key.removeprefix("--")
-        if name == "output_dir":
-            output_dir = Path(value)
-        elif name in study_keys:
-            study_argv += [key, value]
-        elif name in PER_CONTENDER_ARGUMENTS:
-            raise UsageError(
-                f"{key} is set per contender by the study; use --contenders, --partial_trainable_groups, "
-                "--truncate_at_stage, --truncate_layer_decay, --llrd_layer_decay, --small_steps or --large_steps"
-            )
-        elif name in training_keys:
-            training_argv += [key, value]
-        else:
-            close = difflib.get_close_matches(name, sorted(study_keys | training_keys | {"full"}), n=1)
-            raise UsageError(f"unknown argument {key}" + (f"; did you mean --{close[0]}?" if close else ""))
-    (study,) = HfArgumentParser(StudyArguments).parse_args_into_dataclasses(args=study_argv)
+    config, argv = (argv[:1], argv[1:]) if argv and argv[0].endswith(YAML_SUFFIXES) else ([], argv)
+    flag, rest = build_parser(FullFlag).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    full = flag.full
+    refused = (
+        "is set per contender by the study; use --contenders, --partial_trainable_groups, "
+        "--truncate_at_stage, --truncate_layer_decay, --llrd_layer_decay, --small_steps or --large_steps"
+    )
+    study, training_argv, output_dir = parse_experiment_argv(
+        config + (_pairs(FULL_SETTING) if full else []) + rest,
+        StudyArguments,
+        MultiTaskTrainingArguments,
+        output_dir="outputs/transfer_study",
+        reserved={name: f"--{name} {refused}" for name in PER_CONTENDER_ARGUMENTS},
+        also_known=["full"],
+    )
     training_arguments(training_argv, output_dir / "runs", seed=0, max_steps=1, contender="scratch", study=study)
     return study, training_argv, output_dir, full
 
@@ -251,7 +222,7 @@ def training_arguments(
 ) -> MultiTaskTrainingArguments:
     """The shared training argv plus this run's contender settings, step budget, seed and output folder."""
     per_run = {**contender_arguments(contender, study), "max_steps": max_steps, "seed": seed}
-    (args,) = HfArgumentParser(MultiTaskTrainingArguments).parse_args_into_dataclasses(
+    (args,) = build_parser(MultiTaskTrainingArguments).parse_args_into_dataclasses(
         args=training_argv + _pairs(per_run) + ["--output_dir", str(output_dir), "--save_strategy", "no", "--eval_strategy", "no"]
     )
     return args
@@ -402,7 +373,7 @@ def train_source(study: StudyArguments, training_argv: list[str], output_dir: Pa
     print(f"== source: training {study.backbone} on {study.source_dataset}:{study.source_task} ({data['train'].num_rows} images)", flush=True)
     set_seed(study.data_seed)
     model = TimmMultiTaskModel.from_backbone(study.backbone, [task], pretrained=False, image_size=study.image_size)
-    (args,) = HfArgumentParser(MultiTaskTrainingArguments).parse_args_into_dataclasses(
+    (args,) = build_parser(MultiTaskTrainingArguments).parse_args_into_dataclasses(
         args=training_argv
         + ["--output_dir", str(output_dir / "runs" / "source"), "--save_strategy", "no", "--eval_strategy", "no"]
         + ["--num_train_epochs", str(study.source_epochs), "--seed", str(study.data_seed)]
@@ -802,8 +773,4 @@ def main(argv: list[str]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (UsageError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_or_exit(main, sys.argv[1:])
