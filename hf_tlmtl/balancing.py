@@ -114,7 +114,7 @@ class UncertaintyBalancer(LossBalancer):
         >>> from hf_tlmtl import TaskSpec
         >>> b = UncertaintyBalancer([TaskSpec(name="c", type="classification", num_labels=2),
         ...                          TaskSpec(name="r", type="regression")])
-        >>> float(b.combine({"c": torch.tensor(2.0), "r": torch.tensor(2.0)}))  # s = 0: 2 + 0.5 * 2
+        >>> float(b.combine({"c": torch.tensor(2.0), "r": torch.tensor(2.0)}).detach())  # s = 0: 2 + 0.5 * 2
         3.0
     """
 
@@ -371,7 +371,7 @@ def load_balancer_state(balancer: LossBalancer, directory: str | os.PathLike) ->
         >>> with torch.no_grad(): _ = b.log_vars["y"].fill_(0.3)
         >>> d = tempfile.mkdtemp(); save_balancer_state(b, d)
         >>> b2 = build_balancer("uncertainty", [TaskSpec(name="y", type="regression")])
-        >>> _ = load_balancer_state(b2, d); round(float(b2.log_vars["y"]), 4)
+        >>> _ = load_balancer_state(b2, d); round(b2.log_vars["y"].item(), 4)
         0.3
     """
     from safetensors.torch import load_file
