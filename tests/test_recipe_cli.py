@@ -131,11 +131,11 @@ def test_summary_curves_and_readable_report(trained):
 
 
 def test_init_from_saved_model_with_transfer_local_config(trained, tmp_path):
-    """recipes/configs/transfer_local.yaml: the saved shapes model -> digits, frozen backbone."""
+    """recipes/configs/transfer_local.yaml: the saved shapes model -> digits; here with a frozen backbone."""
     source, _ = trained
     out = tmp_path / "digits"
     args = [CONFIGS / "transfer_local.yaml", *TINY, "--init_from", source, "--n_train", "40", "--n_eval", "20",
-            "--output_dir", out]
+            "--transfer_strategy", "feature_extraction", "--output_dir", out]
     proc = check_ok(run_finetune(args, tmp_path))
     assert f"transferred from {source}" in proc.stdout
     assert "strategy feature_extraction" in proc.stdout
@@ -171,7 +171,7 @@ def test_shipped_configs_parse(recipe, name):
         assert model_args.backbone.startswith("hf-hub:timm/") and model_args.pretrained
     if name == "transfer_local.yaml":
         assert model_args.init_from == "outputs/demo"
-        assert training_args.transfer_strategy == "feature_extraction"
+        assert training_args.transfer_strategy == "truncate" and training_args.layer_decay == 0.75
 
 
 # ---------------------------------------------------------------------------- bad input
