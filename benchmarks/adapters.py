@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from results_md import write_section  # benchmarks/ is on sys.path when run as a script
 
 NUM_CLASSES = 10
 CONTENDERS = ("fine_tune", "feature_extraction", "lora_r4", "lora_r8")
@@ -174,13 +175,6 @@ def render(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def _write_section(path: Path, heading: str, text: str) -> None:
-    """Replace this benchmark's section (same heading) in RESULTS.md, keeping the others."""
-    existing = path.read_text() if path.exists() else "# Benchmarks\n"
-    sections = existing.split("\n## ")
-    kept = [sections[0]] + [s for s in sections[1:] if not ("## " + s).startswith(heading.split(" (")[0])]
-    path.write_text("\n## ".join(kept).rstrip() + "\n\n" + text)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -202,7 +196,7 @@ def main() -> None:
         print(f"{name}: {results[name]['median_step_s'] * 1000:.0f} ms, {results[name]['peak_rss_train_mib']:.0f} MiB", flush=True)
     text = render(results, args)
     print(text)
-    _write_section(Path(args.results), text.splitlines()[0], text)
+    write_section(text, Path(args.results))
 
 
 if __name__ == "__main__":

@@ -33,8 +33,8 @@ from hf_tlmtl import TaskSpec, TimmMultiTaskModel
 from hf_tlmtl.data import MultiTaskCollator, cache_features, prepare_dataset
 from hf_tlmtl.embedded import load_embedded_dataset
 from hf_tlmtl.transfer import apply_transfer_strategy
+from results_md import write_section  # benchmarks/ is on sys.path when run as a script
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Feature cache (benchmarks/feature_cache.py)"
 
 
@@ -85,15 +85,6 @@ def loader_for(dataset, model: TimmMultiTaskModel, batch_size: int) -> DataLoade
         dataset, batch_size=batch_size, shuffle=True, generator=generator, collate_fn=MultiTaskCollator(model.tasks)
     )
 
-
-def write_results(text: str) -> None:
-    """Append this section to RESULTS.md, replacing only an earlier version of the same section."""
-    current = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"
-    if SECTION in current:
-        before, rest = current.split(SECTION, 1)
-        after = rest.split("\n## ", 1)
-        current = before.rstrip("\n") + ("\n\n## " + after[1] if len(after) > 1 else "\n")
-    RESULTS.write_text(current.rstrip("\n") + "\n\n" + text)
 
 
 def main() -> None:
@@ -153,8 +144,8 @@ def main() -> None:
     print()
     print(text)
     if not args.no_write:
-        write_results(text)
-        print(f"Updated {RESULTS}")
+        write_section(text)
+        print("Updated benchmarks/RESULTS.md")
 
 
 if __name__ == "__main__":

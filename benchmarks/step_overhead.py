@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import transformers
 
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+from results_md import write_section  # benchmarks/ is on sys.path when run as a script
 
 NUM_CLASSES = 10
 
@@ -133,15 +134,8 @@ def main() -> None:
     lines += ["", f"hf_tlmtl overhead vs plain timm: {100 * overhead:+.1f}% (target: within 3%).", ""]
     text = "\n".join(lines)
     print(text)
-    _write_section(Path(args.results), lines[0], text)
+    write_section(text, Path(args.results))
 
-
-def _write_section(path: Path, heading: str, text: str) -> None:
-    """Replace this benchmark's section (same heading) in RESULTS.md, keeping the others."""
-    existing = path.read_text() if path.exists() else "# Benchmarks\n"
-    sections = existing.split("\n## ")
-    kept = [sections[0]] + [s for s in sections[1:] if not ("## " + s).startswith(heading.split(" (")[0])]
-    path.write_text("\n## ".join(kept).rstrip() + "\n\n" + text)
 
 
 if __name__ == "__main__":
