@@ -74,6 +74,7 @@ class MultiTaskTrainingArguments(TrainingArguments):
     )
     lora_r: int = field(default=8, metadata={"help": "lora: adapter rank."})
     lora_alpha: int = field(default=16, metadata={"help": "lora: scaling alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "lora: dropout on the adapter input."})
     lora_target_modules: str = field(default="auto", metadata={"help": "lora: 'auto' or a comma-separated list / regex."})
     lora_method: str = field(default="lora", metadata={"help": "peft method: lora | loha | lokr | ia3."})
     adapter_name: str = field(default="default", metadata={"help": "lora: name of the adapter being trained."})
@@ -435,6 +436,13 @@ def _check_transfer_args(args: MultiTaskTrainingArguments) -> None:
             f"gradual_unfreeze unfreezes backbone groups, which transfer_strategy={strategy!r} keeps frozen; use "
             "transfer_strategy None, 'fine_tune', 'partial' or 'truncate' with it."
         )
+    if strategy == "lora":
+        from .adapters import METHODS  # imports peft: only when adapters are asked for
+
+        if args.lora_method not in METHODS:
+            raise ValueError(f"Unknown lora_method {args.lora_method!r}; valid methods: {sorted(METHODS)}.")
+        if args.lora_r < 1 or not 0.0 <= args.lora_dropout < 1.0:
+            raise ValueError(f"lora_r must be >= 1 and lora_dropout in [0, 1); got {args.lora_r} and {args.lora_dropout}.")
     if args.unfreeze_every_n_steps is not None:
         if not args.gradual_unfreeze:
             raise ValueError("unfreeze_every_n_steps needs gradual_unfreeze=True.")
@@ -443,25 +451,15 @@ def _check_transfer_args(args: MultiTaskTrainingArguments) -> None:
 
 
 def _lora_kwargs(args: MultiTaskTrainingArguments) -> dict[str, Any]:
-    """The ``lora_*`` arguments, as far as ``hf_tlmtl.adapters.apply_lora`` accepts them."""
-    import inspect
-
-    try:
-        from .adapters import apply_lora
-    except ImportError as e:
-        raise ValueError(f"transfer_strategy='lora' needs hf_tlmtl.adapters.apply_lora, which is not available ({e}).") from e
-
-    wanted = {
+    """The ``lora_*`` arguments as keyword arguments of :func:`hf_tlmtl.adapters.apply_lora`."""
+    return {
         "r": args.lora_r,
         "alpha": args.lora_alpha,
+        "dropout": args.lora_dropout,
         "target_modules": args.lora_target_modules,
         "method": args.lora_method,
         "adapter_name": args.adapter_name,
     }
-    accepted = inspect.signature(apply_lora).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
-        return wanted
-    return {k: v for k, v in wanted.items() if k in accepted}
 
 
 def _select_adapter(model: Any, args: MultiTaskTrainingArguments) -> Any:

@@ -203,9 +203,11 @@ def summarize_trainable(model: nn.Module, strategy: str | None = None) -> Transf
             )
         )
     for name, head in base.heads.items():
-        params = list(head.parameters())
+        # peft keeps a frozen copy of each modules_to_save head (``original_module``) beside the trained
+        # one: count the head once, as it is used.
+        params = [p for n, p in head.named_parameters() if "original_module" not in n.split(".")]
         groups.append(GroupSummary(f"heads.{name}", sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)))
-    owned = {id(p) for p in base.backbone.parameters()} | {id(p) for p in base.heads.parameters()}
+    owned = {id(p) for p in base.backbone.parameters()} | {id(p) for p in base.heads.parameters()}  # both head copies
     other = [p for p in model.parameters() if id(p) not in owned]
     if other:
         groups.append(GroupSummary("other", sum(p.numel() for p in other if p.requires_grad), sum(p.numel() for p in other)))

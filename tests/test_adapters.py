@@ -357,3 +357,23 @@ def test_base_model_unwraps_the_peft_wrapper():
     model = make_model("vit")
     peft_model = apply_lora(model, r=2, alpha=4)
     assert base_model(peft_model) is model and type(base_model(peft_model)) is TimmMultiTaskModel
+
+
+def test_summary_counts_each_head_once_under_lora():
+    from hf_tlmtl.transfer import apply_transfer_strategy
+
+    model = make_model("cnn")
+    before = sum(p.numel() for p in model.parameters())
+    summary = apply_transfer_strategy(model, "lora", r=2, alpha=4)
+    adapter = sum(p.numel() for n, p in summary.model.named_parameters() if is_adapter(n))
+    assert adapter > 0 and summary.total_params == before + adapter  # peft's frozen head copies not counted twice
+    heads = sum(p.numel() for p in model.heads.parameters()) // 2  # wrapper holds original + trained copy
+    assert summary.trainable_params == adapter + heads
+
+
+def test_training_arguments_check_the_peft_method_early_and_pass_dropout(tmp_path):
+    with pytest.raises(ValueError, match=r"Unknown lora_method 'magic'; valid methods: \['ia3', 'loha', 'lokr', 'lora'\]"):
+        MultiTaskTrainingArguments(output_dir=str(tmp_path), transfer_strategy="lora", lora_method="magic", report_to="none")
+    args = training_args(tmp_path, steps=1, transfer_strategy="lora", lora_r=2, lora_dropout=0.25)
+    trainer = MultiTaskTrainer(model=make_model("vit"), args=args)
+    assert trainer.model.peft_config[args.adapter_name].lora_dropout == 0.25
