@@ -171,6 +171,11 @@ def truncate_backbone(backbone: nn.Module, stage: int) -> None:
     backbone.reset_classifier(0, pool)
 
 
+def _drop_load_report(record: Any) -> bool:
+    """Logging filter: False for transformers' state-dict load report, True for everything else."""
+    return "LOAD REPORT" not in str(record.msg)
+
+
 class TimmMultiTaskPreTrainedModel(PreTrainedModel):
     config_class = TimmMultiTaskConfig
     config: TimmMultiTaskConfig
@@ -326,8 +331,16 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
         reused = [t.name for t in new if t.name in old and old[t.name].num_outputs == t.num_outputs]
         fresh = [t.name for t in new if t.name not in reused]
         kwargs.setdefault("ignore_mismatched_sizes", True)
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
-        logger.info(
+        # transformers' load report would list every new and dropped head key as MISSING / UNEXPECTED with
+        # generic advice; re-heading expects exactly that, so one line below says what happened instead.
+        # (A filter, not a level: transformers runs extra tensor-parallel checks when that logger's level is raised.)
+        load_logger = logging.get_logger("transformers.modeling_utils")
+        load_logger.addFilter(_drop_load_report)
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        finally:
+            load_logger.removeFilter(_drop_load_report)
+        logger.warning(
             "Re-headed %s: reused heads %s, new heads %s, dropped heads %s.",
             pretrained_model_name_or_path, reused, fresh, sorted(set(old) - {t.name for t in new}),
         )

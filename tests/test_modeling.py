@@ -226,3 +226,17 @@ def test_batchnorm_counters_survive_reload_and_are_zero_when_saved_frozen(tmp_pa
     model.save_pretrained(tmp_path / "frozen")
     reloaded = TimmMultiTaskModel.from_pretrained(tmp_path / "frozen")
     assert {int(b) for n, b in reloaded.named_buffers() if n.endswith("num_batches_tracked")} == {0}
+
+
+def test_reheading_says_what_happened_in_one_line_instead_of_the_load_report(tmp_path, capfd, caplog):
+    from transformers.utils import logging as hf_logging
+
+    make_model().save_pretrained(tmp_path)
+    capfd.readouterr()
+    with caplog.at_level("WARNING", logger="hf_tlmtl.modeling"):
+        TimmMultiTaskModel.from_pretrained(tmp_path, tasks=[TASKS[0], TaskSpec(name="age", type="regression")])
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Re-headed"))
+    assert "reused heads ['shape']" in line and "new heads ['age']" in line and "dropped heads ['attrs', 'scale']" in line
+    err = capfd.readouterr().err  # transformers' own handler writes to the real stderr
+    assert "LOAD REPORT" not in err and "not sharded" not in err
+    assert not hf_logging.get_logger("transformers.modeling_utils").filters  # the filter is gone afterwards
