@@ -399,6 +399,11 @@ def _similarity_is_high(similarity: str | float, threshold: float) -> bool:
     return float(similarity) >= threshold
 
 
+def _default_truncate_stage(model: nn.Module | None) -> int | None:
+    """The cut that drops only the top stage (``None`` without a model: decided when applied)."""
+    return None if model is None else len(base_model(model).backbone.feature_info) - 2
+
+
 def recommend_strategy(
     num_train_samples: int,
     similarity: str | float,
@@ -407,6 +412,7 @@ def recommend_strategy(
     similarity_threshold: float = SIMILARITY_THRESHOLD,
     top_groups: int = LARGE_SIMILAR_TRAINABLE_GROUPS,
     model: nn.Module | None = None,
+    narrow_source: bool = False,
 ) -> Recommendation:
     """The classic four transfer-learning cases (Yosinski et al. 2014; CS231n "Transfer Learning").
 
@@ -433,8 +439,9 @@ def recommend_strategy(
 
     The rules assume a *broad* source (ImageNet-scale pre-training). With a narrow source (few
     classes, or a network trained from scratch on little data) its top-stage features are too
-    specific for case 1: ``recipes/transfer_study.py`` measured feature extraction 0.27 accuracy
-    below fine-tuning there (``benchmarks/transfer_study/``); use ``truncate`` instead, as in case 2.
+    specific for case 1: ``recipes/transfer_study.py`` measured feature extraction 0.20-0.27 accuracy
+    below ``truncate`` there (``benchmarks/transfer_study/``, default and ``--full`` runs). Pass
+    ``narrow_source=True`` to get ``truncate`` for case 1, as in case 2.
 
     Example:
         >>> rec = recommend_strategy(100_000, 0.2)
@@ -442,6 +449,8 @@ def recommend_strategy(
         (4, 'fine_tune', 0.9)
         >>> recommend_strategy(4_999, "different").strategy, recommend_strategy(5_000, "different").strategy
         ('truncate', 'fine_tune')
+        >>> recommend_strategy(100, "similar", narrow_source=True).strategy
+        'truncate'
     """
     if isinstance(num_train_samples, bool) or not isinstance(num_train_samples, numbers.Integral):
         raise ValueError(f"num_train_samples must be an int, got {num_train_samples!r}.")
@@ -455,6 +464,14 @@ def recommend_strategy(
     small = num_train_samples < small_dataset_max_samples
     size = f"{num_train_samples:,} samples ({'<' if small else '>='} {small_dataset_max_samples:,}: {'small' if small else 'large'})"
     sim = f"similarity {similarity!r} ({'similar' if similar else 'different'})"
+    if small and similar and narrow_source:
+        return Recommendation(
+            "truncate", None, _default_truncate_stage(model), 1,
+            f"Case 1, small & similar, narrow source: {size}, {sim}. The source's top stage is specific to its "
+            "few classes (measured: feature extraction well below truncate in benchmarks/transfer_study); drop it, "
+            f"feed the heads from the stage below and tune gently (layer_decay={SMALL_DIFFERENT_LAYER_DECAY}).",
+            layer_decay=SMALL_DIFFERENT_LAYER_DECAY,
+        )
     if small and similar:
         return Recommendation(
             "feature_extraction", None, None, 1,
@@ -462,11 +479,8 @@ def recommend_strategy(
             "backbone and train only the heads, which cannot over-fit the few samples.",
         )
     if small:
-        stage = None
-        if model is not None:
-            stage = len(base_model(model).backbone.feature_info) - 2
         return Recommendation(
-            "truncate", None, stage, 2,
+            "truncate", None, _default_truncate_stage(model), 2,
             f"Case 2, small & different: {size}, {sim}. Early layers are generic, the top stage is specific to "
             "the source task: drop the top stage, feed the heads from the one below, and tune what remains with "
             f"strong layer-wise LR decay ({SMALL_DIFFERENT_LAYER_DECAY}).",

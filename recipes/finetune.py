@@ -87,6 +87,11 @@ class ModelArguments:
         metadata={"help": "How close this data is to the source model's: similar | different | a number in [0, 1]. "
                   "Prints hf_tlmtl.transfer.recommend_strategy's advice in the transfer plan."},
     )
+    narrow_source: bool = field(
+        default=False,
+        metadata={"help": "The source model was trained on a narrow task (few classes, little data): the advice for "
+                  "small & similar data becomes truncate instead of feature extraction."},
+    )
 
 
 @dataclass
@@ -363,7 +368,9 @@ def setup(argv: list[str]) -> Run:
     collator([train_ds[i] for i in range(min(2, len(train_ds)))])  # a first batch, so data errors surface now
     recommendation = None
     if model_args.task_similarity is not None:
-        recommendation = recommend_strategy(len(raw["train"]), _similarity(model_args.task_similarity), model=model)
+        recommendation = recommend_strategy(
+            len(raw["train"]), _similarity(model_args.task_similarity), model=model, narrow_source=model_args.narrow_source
+        )
     baselines = baseline_metrics(raw["train"], raw["validation"], model.tasks)
     push_repo = check_push_to_hub(training_args)
     # The upload happens once, at the end, with hf_tlmtl's card (hf_tlmtl.hub), not at every Trainer save.

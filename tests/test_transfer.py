@@ -325,6 +325,16 @@ def test_recommend_strategy_boundaries_and_overrides():
     assert recommend_strategy(50_000, "similar", top_groups=3).trainable_groups == 3
 
 
+def test_narrow_source_changes_only_case_1_to_truncate():
+    model = make_model("cnn")
+    rec = recommend_strategy(100, "similar", narrow_source=True, model=model)
+    assert (rec.case, rec.strategy, rec.layer_decay) == (1, "truncate", 0.75)
+    assert rec.truncate_stage == len(model.backbone.feature_info) - 2
+    assert "narrow source" in rec.reason
+    for samples, similarity in ((100, "different"), (50_000, "similar"), (50_000, "different")):
+        assert recommend_strategy(samples, similarity, narrow_source=True) == recommend_strategy(samples, similarity)
+
+
 def test_recommendation_applies_to_a_model():
     model = make_model("cnn")
     rec = recommend_strategy(100, "different", model=model)
