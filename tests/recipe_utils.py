@@ -1,4 +1,4 @@
-"""Shared helpers of the recipe tests (tests/test_recipe_*.py, tests/test_predict.py).
+"""Shared helpers of the recipe tests (tests/test_recipe_*.py, test_predict.py, test_mtl_vs_single.py, test_transfer_study.py).
 
 The recipes run for real, in a subprocess, the way a user runs them: ``python recipes/finetune.py``
 or ``accelerate launch recipes/finetune.py``, on timm's ``test_resnet`` (random init) and tiny
@@ -7,11 +7,14 @@ images, offline.
 
 from __future__ import annotations
 
+import csv
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Sequence
 
 import numpy as np
@@ -128,3 +131,21 @@ def write_image_table(root: Path, rows: int = 24, size: int = 32, seed: int = 0)
             }
         )
     return root, records
+
+
+def load_recipe(name: str) -> ModuleType:
+    """``recipes/<name>.py`` imported as a module (registered in ``sys.modules``: its dataclasses need that)."""
+    spec = importlib.util.spec_from_file_location(f"hf_tlmtl_recipe_{name}", REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_csv(path: Path, records: Sequence[dict], columns: Sequence[str] = ("path", "kind", "brightness", "id")) -> Path:
+    """The ``columns`` of ``records`` as a CSV file (list-valued columns such as ``tags`` do not fit CSV)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in columns} for r in records)
+    return path

@@ -6,12 +6,10 @@ from __future__ import annotations
 import logging
 import os
 
-import numpy as np
 import peft
 import pytest
 import torch
 import transformers
-from datasets import Dataset
 from timm.layers.norm_act import FrozenBatchNorm2d
 from torch import nn
 
@@ -19,6 +17,7 @@ import hf_tlmtl  # noqa: F401 - registers the Auto classes
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
 from hf_tlmtl.adapters import METHODS, apply_lora, auto_target_modules, load_adapter, merge_adapter
 from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
+from fake_data import random_task_dataset
 
 IMAGE = 32
 TASKS = [TaskSpec(name="c", type="classification", num_labels=3), TaskSpec(name="y", type="regression")]
@@ -32,14 +31,6 @@ FAMILIES = {
 }
 ADAPTER_MARKS = ("lora_", "hada_", "lokr_", "ia3_")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and several threads on shared CI cores slow every op down 50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_model(kind: str, seed: int = 0) -> TimmMultiTaskModel:
@@ -70,16 +61,6 @@ def perturb(model: nn.Module, seed: int) -> None:
 def is_adapter(name: str) -> bool:
     return any(mark in name for mark in ADAPTER_MARKS)
 
-
-def make_dataset(n: int = 16, seed: int = 0) -> Dataset:
-    rng = np.random.default_rng(seed)
-    return Dataset.from_dict(
-        {
-            "pixel_values": rng.standard_normal((n, 3, IMAGE, IMAGE)).astype("float32"),
-            "c": rng.integers(0, 3, n),
-            "y": rng.standard_normal(n).astype("float32"),
-        }
-    ).with_format("torch")
 
 
 def training_args(out, steps: int, **kwargs) -> MultiTaskTrainingArguments:
@@ -146,7 +127,7 @@ def test_an_adapter_for_a_subset_of_tasks_trains_only_those_heads():
 
 @pytest.mark.parametrize("kind", sorted(FAMILIES))
 def test_trainer_step_changes_adapters_and_heads_and_leaves_the_base_bit_identical(kind, tmp_path):
-    trainer = MultiTaskTrainer(model=make_model(kind), args=training_args(tmp_path, steps=2), train_dataset=make_dataset())
+    trainer = MultiTaskTrainer(model=make_model(kind), args=training_args(tmp_path, steps=2), train_dataset=random_task_dataset(16, IMAGE))
     assert isinstance(trainer.model, peft.PeftModel)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.train()
@@ -251,7 +232,7 @@ def test_peft_merge_and_unload_gives_a_plain_model():
 def test_trainer_checkpoints_adapters_and_resumes_like_an_uninterrupted_run(tmp_path):
     kwargs = dict(save_strategy="steps", save_steps=2, adapter_name="shapes")
     straight = MultiTaskTrainer(
-        model=make_model("cnn"), args=training_args(tmp_path / "a", steps=4, **kwargs), train_dataset=make_dataset(8)
+        model=make_model("cnn"), args=training_args(tmp_path / "a", steps=4, **kwargs), train_dataset=random_task_dataset(8, IMAGE)
     )
     straight.train()
     checkpoint = tmp_path / "a" / "checkpoint-2"
@@ -260,7 +241,7 @@ def test_trainer_checkpoints_adapters_and_resumes_like_an_uninterrupted_run(tmp_
     assert not (checkpoint / "model.safetensors").exists()
 
     resumed = MultiTaskTrainer(
-        model=make_model("cnn"), args=training_args(tmp_path / "b", steps=4, **kwargs), train_dataset=make_dataset(8)
+        model=make_model("cnn"), args=training_args(tmp_path / "b", steps=4, **kwargs), train_dataset=random_task_dataset(8, IMAGE)
     )
     resumed.train(resume_from_checkpoint=str(checkpoint))
     expected, got = straight.model.state_dict(), resumed.model.state_dict()

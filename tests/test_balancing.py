@@ -36,14 +36,6 @@ def _tasks(weights=(1.0, 1.0, 1.0)):
     ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared machine: more threads only contend.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ------------------------------------------------------------------ combined loss by hand
 def test_static_is_weighted_sum():

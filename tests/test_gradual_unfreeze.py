@@ -4,16 +4,15 @@ ends exactly where an uninterrupted run ends."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from datasets import Dataset
 from timm.models import group_parameters
 from transformers import TrainerCallback
 
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
 from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
 from hf_tlmtl.transfer import backbone_groups
+from fake_data import random_task_dataset
 
 IMAGE = 32
 TASKS = [TaskSpec(name="c", type="classification", num_labels=3), TaskSpec(name="y", type="regression")]
@@ -24,16 +23,6 @@ def make_model() -> TimmMultiTaskModel:
     torch.manual_seed(0)
     return TimmMultiTaskModel.from_backbone("test_resnet", TASKS)
 
-
-def make_dataset(n: int = 8 * STEPS_PER_EPOCH) -> Dataset:
-    rng = np.random.default_rng(0)
-    return Dataset.from_dict(
-        {
-            "pixel_values": rng.standard_normal((n, 3, IMAGE, IMAGE)).astype("float32"),
-            "c": rng.integers(0, 3, n),
-            "y": rng.standard_normal(n).astype("float32"),
-        }
-    ).with_format("torch")
 
 
 class RecordTrainable(TrainerCallback):
@@ -68,7 +57,7 @@ def test_one_more_group_per_epoch_from_the_top(tmp_path):
     before = backbone_state(model)
     recorder = RecordTrainable(model)
     trainer = MultiTaskTrainer(
-        model=model, args=make_args(tmp_path, num_train_epochs=3), train_dataset=make_dataset(), callbacks=[recorder]
+        model=model, args=make_args(tmp_path, num_train_epochs=3), train_dataset=random_task_dataset(8 * STEPS_PER_EPOCH, IMAGE), callbacks=[recorder]
     )
     assert trainer.gradual_unfreeze.schedule_names == names[::-1]
     assert not any(p.requires_grad for p in model.backbone.parameters())  # heads only until training starts
@@ -85,7 +74,7 @@ def test_one_more_group_per_epoch_from_the_top(tmp_path):
 
 def test_unfrozen_groups_were_in_the_optimizer_from_the_start_with_their_layer_lr(tmp_path):
     model = make_model()
-    trainer = MultiTaskTrainer(model=model, args=make_args(tmp_path, max_steps=1), train_dataset=make_dataset())
+    trainer = MultiTaskTrainer(model=model, args=make_args(tmp_path, max_steps=1), train_dataset=random_task_dataset(8 * STEPS_PER_EPOCH, IMAGE))
     optimizer = trainer.create_optimizer()
     held = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     assert all(id(p) in held for p in model.parameters())
@@ -100,7 +89,7 @@ def test_every_n_steps_and_max_groups(tmp_path):
     model = make_model()
     recorder = RecordTrainable(model)
     args = make_args(tmp_path, max_steps=5, unfreeze_every_n_steps=2, trainable_groups=2)
-    trainer = MultiTaskTrainer(model=model, args=args, train_dataset=make_dataset(), callbacks=[recorder])
+    trainer = MultiTaskTrainer(model=model, args=args, train_dataset=random_task_dataset(8 * STEPS_PER_EPOCH, IMAGE), callbacks=[recorder])
     trainer.train()
     top = ["layer4.0", "layer3.0"]
     assert recorder.trained == {1: set(), 2: set(), 3: {top[0]}, 4: {top[0]}, 5: set(top)}  # capped at 2
@@ -112,7 +101,7 @@ def test_resume_from_a_mid_schedule_checkpoint_matches_an_uninterrupted_run(tmp_
     full = MultiTaskTrainer(
         model=model,
         args=make_args(tmp_path / "full", num_train_epochs=epochs, save_strategy="steps", save_steps=save_at),
-        train_dataset=make_dataset(),
+        train_dataset=random_task_dataset(8 * STEPS_PER_EPOCH, IMAGE),
     )
     full.train()
     checkpoint = tmp_path / "full" / f"checkpoint-{save_at}"
@@ -123,7 +112,7 @@ def test_resume_from_a_mid_schedule_checkpoint_matches_an_uninterrupted_run(tmp_
     resumed = MultiTaskTrainer(
         model=resumed_model,
         args=make_args(tmp_path / "resumed", num_train_epochs=epochs),
-        train_dataset=make_dataset(),
+        train_dataset=random_task_dataset(8 * STEPS_PER_EPOCH, IMAGE),
         callbacks=[recorder],
     )
     resumed.train(resume_from_checkpoint=str(checkpoint))

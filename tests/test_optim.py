@@ -3,10 +3,8 @@ parameters left out, weight-decay exclusions, --optim still honoured, bad layer_
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from datasets import Dataset
 from timm.models import group_parameters
 from torch import nn
 
@@ -14,6 +12,7 @@ from hf_tlmtl import TaskSpec, TimmMultiTaskModel
 from hf_tlmtl.optim import layer_decay_param_groups
 from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
 from hf_tlmtl.transfer import backbone_groups
+from fake_data import random_task_dataset
 
 IMAGE = 32
 TASKS = [TaskSpec(name="c", type="classification", num_labels=3), TaskSpec(name="y", type="regression")]
@@ -27,16 +26,6 @@ def make_model(kind: str) -> TimmMultiTaskModel:
     return TimmMultiTaskModel.from_backbone(name, TASKS, **kwargs)
 
 
-def make_dataset(n: int = 8) -> Dataset:
-    rng = np.random.default_rng(0)
-    return Dataset.from_dict(
-        {
-            "pixel_values": rng.standard_normal((n, 3, IMAGE, IMAGE)).astype("float32"),
-            "c": rng.integers(0, 3, n),
-            "y": rng.standard_normal(n).astype("float32"),
-        }
-    ).with_format("torch")
-
 
 def make_trainer(model: nn.Module, tmp_path, **kwargs) -> MultiTaskTrainer:
     defaults = dict(
@@ -44,7 +33,7 @@ def make_trainer(model: nn.Module, tmp_path, **kwargs) -> MultiTaskTrainer:
         per_device_train_batch_size=8, learning_rate=LR, weight_decay=WD, layer_decay=DECAY, head_lr_scale=HEAD_SCALE,
     )
     args = MultiTaskTrainingArguments(**{**defaults, **kwargs})
-    return MultiTaskTrainer(model=model, args=args, train_dataset=make_dataset())
+    return MultiTaskTrainer(model=model, args=args, train_dataset=random_task_dataset(8, IMAGE))
 
 
 def expected_backbone_lr(model: nn.Module) -> dict[str, float]:

@@ -20,14 +20,6 @@ from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
 IMAGE_SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared machine: more threads only contend.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def shapes():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import runpy
 import sys
 from pathlib import Path
@@ -14,22 +13,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from recipe_utils import FINETUNE, REPO, TINY, check_ok, run_finetune, summary, write_image_table
+from recipe_utils import FINETUNE, REPO, TINY, check_ok, load_recipe, run_finetune, summary, write_csv, write_image_table
 
 CONFIGS = REPO / "recipes" / "configs"
 
 
-def _load_recipe_module():
-    spec = importlib.util.spec_from_file_location("hf_tlmtl_recipe_finetune", FINETUNE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def recipe():
-    return _load_recipe_module()
+    return load_recipe("finetune")
 
 
 # ------------------------------------------------------------------------- one trained run
@@ -188,12 +179,7 @@ def _run_in_process(argv, tmp_path, monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def table(tmp_path_factory):
     root, records = write_image_table(tmp_path_factory.mktemp("badtable"), rows=12)
-    import csv
-
-    with open(root / "t.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "kind", "brightness", "id"])
-        writer.writeheader()
-        writer.writerows({k: r[k] for k in ("path", "kind", "brightness", "id")} for r in records)
+    write_csv(root / "t.csv", records)
     corrupt = root / "corrupt"
     (corrupt / "images").mkdir(parents=True)
     rows = (root / "t.csv").read_text().splitlines()

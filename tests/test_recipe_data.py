@@ -6,14 +6,13 @@ ClassLabel -> multilabel) unless stated; a validation split is made when the dat
 
 from __future__ import annotations
 
-import csv
 
 import datasets
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 
-from recipe_utils import TINY, check_ok, run_finetune, summary, write_image_folder, write_image_table
+from recipe_utils import TINY, check_ok, run_finetune, summary, write_csv, write_image_folder, write_image_table
 
 
 def _tasks(info):
@@ -61,10 +60,7 @@ def test_image_folder_from_a_local_dir_timm_checkpoint(tmp_path):
 @pytest.fixture(scope="module")
 def table_dir(tmp_path_factory):
     root, records = write_image_table(tmp_path_factory.mktemp("table"), rows=24)
-    with open(root / "data.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "kind", "brightness", "id"])
-        writer.writeheader()
-        writer.writerows({k: r[k] for k in ("path", "kind", "brightness", "id")} for r in records)
+    write_csv(root / "data.csv", records)
     Dataset.from_list(records).to_parquet(str(root / "data.parquet"))
     return root, records
 

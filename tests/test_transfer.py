@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import transformers
-from datasets import Dataset
 from timm.layers.norm_act import FrozenBatchNorm2d
 from torch import nn
 
@@ -25,6 +23,7 @@ from hf_tlmtl.transfer import (
     backbone_groups,
     recommend_strategy,
 )
+from fake_data import random_task_dataset
 
 IMAGE = 32
 TASKS = [TaskSpec(name="c", type="classification", num_labels=3), TaskSpec(name="y", type="regression")]
@@ -37,16 +36,6 @@ def make_model(kind: str, seed: int = 0) -> TimmMultiTaskModel:
     return TimmMultiTaskModel.from_backbone(name, TASKS, **kwargs)
 
 
-def make_dataset(n: int = 16, seed: int = 0) -> Dataset:
-    rng = np.random.default_rng(seed)
-    return Dataset.from_dict(
-        {
-            "pixel_values": rng.standard_normal((n, 3, IMAGE, IMAGE)).astype("float32"),
-            "c": rng.integers(0, 3, n),
-            "y": rng.standard_normal(n).astype("float32"),
-        }
-    ).with_format("torch")
-
 
 def train(model: nn.Module, tmp_path, steps: int = 2, **kwargs) -> MultiTaskTrainer:
     args = MultiTaskTrainingArguments(
@@ -54,7 +43,7 @@ def train(model: nn.Module, tmp_path, steps: int = 2, **kwargs) -> MultiTaskTrai
         per_device_train_batch_size=8, max_steps=steps, learning_rate=1e-2, save_strategy="no",
         lr_scheduler_type="constant", **kwargs,
     )
-    trainer = MultiTaskTrainer(model=model, args=args, train_dataset=make_dataset())
+    trainer = MultiTaskTrainer(model=model, args=args, train_dataset=random_task_dataset(16, IMAGE))
     trainer.train()
     return trainer
 

@@ -3,29 +3,23 @@ data, every case x contender in the table, the JSON and the plot."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
 from hf_tlmtl.transfer import recommend_strategy
+from recipe_utils import REPO, load_recipe
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "transfer_study.py"
-CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "transfer_study.yaml"
+CONFIG = REPO / "recipes" / "configs" / "transfer_study.yaml"
 CONTENDERS = ["scratch", "feature_extraction", "partial", "truncate", "fine_tune_llrd", "lora"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("transfer_study", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("transfer_study")
 
 
 def miniature(out: Path, *extra: str) -> list[str]:
