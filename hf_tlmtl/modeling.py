@@ -40,6 +40,14 @@ class MultiTaskOutput(ModelOutput):
     pooled: torch.Tensor | None = None
 
 
+class HeadLinear(nn.Linear):
+    """A linear layer of a task head: the model initialises these itself (``_init_weights``), timm the rest.
+
+    Its own type, because transformers initialises missing weights module by module and skips
+    modules without direct parameters (``TaskHead``): the layers must be recognisable on their own.
+    """
+
+
 class TaskHead(nn.Module):
     """Dropout + linear layer, or a 2-layer MLP when ``hidden_size`` is set."""
 
@@ -47,11 +55,11 @@ class TaskHead(nn.Module):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         if hidden_size:
-            self.hidden = nn.Sequential(nn.Linear(in_features, hidden_size), nn.GELU(), nn.Dropout(dropout))
+            self.hidden = nn.Sequential(HeadLinear(in_features, hidden_size), nn.GELU(), nn.Dropout(dropout))
             in_features = hidden_size
         else:
             self.hidden = nn.Identity()
-        self.fc = nn.Linear(in_features, num_outputs)
+        self.fc = HeadLinear(in_features, num_outputs)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.fc(self.hidden(self.dropout(pooled)))
@@ -193,14 +201,12 @@ class TimmMultiTaskPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """Initialise only what this package owns (the heads); timm initialised the backbone itself."""
-        if isinstance(module, TaskHead):
-            for layer in module.modules():
-                if isinstance(layer, nn.Linear):
-                    init.trunc_normal_(layer.weight, std=self.config.initializer_range)
-                    init.zeros_(layer.bias)
+        if isinstance(module, HeadLinear):
+            init.trunc_normal_(module.weight, std=self.config.initializer_range)
+            init.zeros_(module.bias)
         elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.num_batches_tracked is not None:
-            # Only reached for modules the checkpoint did not fully cover: without this the counter is
-            # uninitialised memory after a meta-device load.
+            # After a meta-device load this is reached only for modules the checkpoint did not fully cover
+            # (a backbone saved frozen has no counters), which would otherwise hold uninitialised memory.
             module.num_batches_tracked.zero_()
         elif hasattr(module, "init_non_persistent_buffers"):
             # Relative-position index buffers are not saved; rebuild them after a meta-device load.
@@ -344,10 +350,6 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
             "Re-headed %s: reused heads %s, new heads %s, dropped heads %s.",
             pretrained_model_name_or_path, reused, fresh, sorted(set(old) - {t.name for t in new}),
         )
-        # transformers skips custom-code modules without direct parameters (TaskHead) when it initialises
-        # missing keys, which would leave the new heads as uninitialised memory (NaN / garbage): do it here.
-        for name in fresh:
-            model._init_weights(model.heads[name])
         model.reused_heads, model.new_heads = reused, fresh
         return model
 

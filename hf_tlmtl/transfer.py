@@ -261,7 +261,7 @@ def _rebuild_heads(base: nn.Module) -> None:
     reference = next(base.backbone.parameters())
     for task in base.tasks:
         head = TaskHead(base.head_in_features, task.num_outputs, base.config.head_hidden_size, base.config.head_dropout)
-        base._init_weights(head)
+        head.apply(base._init_weights)
         base.heads[task.name] = head.to(device=reference.device, dtype=reference.dtype)
 
 

@@ -240,3 +240,18 @@ def test_reheading_says_what_happened_in_one_line_instead_of_the_load_report(tmp
     err = capfd.readouterr().err  # transformers' own handler writes to the real stderr
     assert "LOAD REPORT" not in err and "not sharded" not in err
     assert not hf_logging.get_logger("transformers.modeling_utils").filters  # the filter is gone afterwards
+
+
+def test_a_head_missing_from_the_checkpoint_is_initialised_on_a_plain_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = make_model(head_hidden_size=8)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("heads.attrs.")}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    loaded = transformers.AutoModel.from_pretrained(tmp_path)
+    for layer in (loaded.heads["attrs"].hidden[0], loaded.heads["attrs"].fc):  # trunc-normal 0.02, zero bias
+        assert torch.isfinite(layer.weight).all() and 0.005 < layer.weight.std() < 0.05
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+    assert torch.equal(loaded.heads["shape"].fc.weight, model.heads["shape"].fc.weight)  # loaded ones untouched
