@@ -58,11 +58,6 @@ ADAPTABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 """Layer types adapters are put on (all of LoRA, LoHa, LoKr and IA3 support them)."""
 
 
-def _base(model: nn.Module) -> nn.Module:
-    """The TimmMultiTaskModel itself (a PeftModel forwards attribute access, so unwrap it explicitly)."""
-    return base_model(model.get_base_model() if is_peft_model(model) else model)
-
-
 # ------------------------------------------------------------------------------------ methods
 def _lora_config(r: int, alpha: float, dropout: float, targets: list[str], heads: list[str]) -> peft.PeftConfig:
     return peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, modules_to_save=heads)
@@ -102,7 +97,7 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
         >>> list(adaptable_modules(m))[:2]
         ['backbone.patch_embed.proj', 'backbone.blocks.0.attn.qkv']
     """
-    backbone = _base(model).backbone
+    backbone = base_model(model).backbone
     found = {}
     for name, module in backbone.named_modules():
         if isinstance(module, ADAPTABLE_TYPES) and not _inside_adapter(name):
@@ -161,7 +156,7 @@ def _log_auto_pick(model: nn.Module, picked: list[str], kind: str, modules: dict
     left_out = [n for n in modules if n not in set(picked)]
     logger.info(
         "target_modules='auto' on backbone %r: %d %s (%s); left out %d: %s",
-        _base(model).config.backbone, len(picked), kind, ", ".join(leaves), len(left_out), _short_list(left_out),
+        base_model(model).config.backbone, len(picked), kind, ", ".join(leaves), len(left_out), _short_list(left_out),
     )
 
 
@@ -186,7 +181,7 @@ def _no_match_error(model: nn.Module, target_modules: Any, modules: dict[str, nn
     leaves = sorted({n.rsplit(".", 1)[-1] for n in modules})
     return ValueError(
         f"target_modules={target_modules!r} matches no Linear/Conv2d layer of backbone "
-        f"{_base(model).config.backbone!r}. Layers that can take adapters: {_short_list(described, 12)}; "
+        f"{base_model(model).config.backbone!r}. Layers that can take adapters: {_short_list(described, 12)}; "
         f"their names end in {leaves}. Pass some of these names (or suffixes, comma-separated), a regex over "
         "the module names, or 'auto'."
     )
@@ -250,7 +245,7 @@ def _check_grouped(model: nn.Module, targets: list[str], r: int, method: str) ->
 
 
 def _head_modules(model: nn.Module, tasks: Sequence[str] | None) -> list[str]:
-    base = _base(model)
+    base = base_model(model)
     names = list(base.heads) if tasks is None else list(tasks)
     unknown = sorted(set(names) - set(base.heads))
     if unknown or not names:
@@ -321,18 +316,18 @@ def apply_lora(
     """
     if is_peft_model(model):
         return _add_adapter(model, r, alpha, dropout, target_modules, method, adapter_name, tasks)
-    base = _base(model)
+    base = base_model(model)
     config = build_adapter_config(base, r, alpha, dropout, target_modules, method, tasks)
     _freeze_batch_norm(base)
     peft_model = peft.get_peft_model(base, config, adapter_name=adapter_name)
-    _record_base(peft_model, adapter_name)
+    _recordbase_model(peft_model, adapter_name)
     return peft_model
 
 
-def _record_base(peft_model: peft.PeftModel, adapter_name: str) -> None:
+def _recordbase_model(peft_model: peft.PeftModel, adapter_name: str) -> None:
     """``base_model_name_or_path`` = where the base model was loaded from (peft would write null: transformers 5
     models have no ``name_or_path`` attribute of their own), so the adapter says which base it needs."""
-    peft_model.peft_config[adapter_name].base_model_name_or_path = _base(peft_model).config._name_or_path or None
+    peft_model.peft_config[adapter_name].base_model_name_or_path = base_model(peft_model).config._name_or_path or None
 
 
 def _add_adapter(
@@ -352,7 +347,7 @@ def _add_adapter(
             f"{str(model.peft_type.value).lower()!r}, or start from a base model without adapters."
         )
     model.add_adapter(adapter_name, config)
-    _record_base(model, adapter_name)
+    _recordbase_model(model, adapter_name)
     model.set_adapter(adapter_name)
     return model
 
@@ -417,7 +412,7 @@ def check_adapter_fits(model: nn.Module, adapter_path: str | Path) -> peft.PeftC
     if not (path / "adapter_config.json").is_file():
         raise ValueError(f"{path} is not a saved adapter (adapter_config.json missing); save one with peft_model.save_pretrained(DIR).")
     config = peft.PeftConfig.from_pretrained(str(path))
-    base = _base(model)
+    base = base_model(model)
     backbone = base.config.backbone
     saved = _saved_shapes(path)
     try:
@@ -486,7 +481,7 @@ def load_adapter(
         model.load_adapter(str(adapter_path), adapter_name, is_trainable=is_trainable)
         model.set_adapter(adapter_name, inference_mode=not is_trainable)
         return model
-    base = _base(model)
+    base = base_model(model)
     _freeze_batch_norm(base)
     return peft.PeftModel.from_pretrained(base, str(adapter_path), adapter_name=adapter_name, is_trainable=is_trainable)
 
@@ -498,7 +493,7 @@ def _unload_heads(model: peft.PeftModel) -> None:
     peft 0.21's LoHa / LoKr / IA3 ``merge_and_unload`` fails on wrapped modules without a ``weight``
     (our heads); LoRA's copes. Unwrapping first with the wrapper's own method works for all of them.
     """
-    heads = _base(model).heads
+    heads = base_model(model).heads
     for name in list(heads):
         wrapper = heads[name]
         if hasattr(wrapper, "unload_and_optionally_merge_module"):

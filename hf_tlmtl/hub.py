@@ -46,6 +46,7 @@ from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME
 from .configuration import TimmMultiTaskConfig
 from .modeling import _is_network_error
 from .tasks import TaskSpec
+from .transfer import base_model, is_peft_model
 
 LIBRARY_NAME = "transformers"
 PIPELINE_TAG = "image-classification"
@@ -362,14 +363,8 @@ def _task_rows(tasks: Sequence[TaskSpec]) -> list[dict[str, Any]]:
 
 
 def _unwrap(model: Any) -> tuple[Any, Any | None]:
-    """``(TimmMultiTaskModel, peft model or None)``."""
-    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
-        return model.get_base_model(), model
-    if not hasattr(model, "tasks") or not isinstance(getattr(model, "config", None), TimmMultiTaskConfig):
-        raise ValueError(
-            f"Expected an hf_tlmtl TimmMultiTaskModel (or a peft model wrapping one), got {type(model).__name__}."
-        )
-    return model, None
+    """``(TimmMultiTaskModel, peft model or None)``; a clear error for anything else."""
+    return base_model(model), (model if is_peft_model(model) else None)
 
 
 def _lora_description(peft_model: Any) -> str:
@@ -555,7 +550,7 @@ def create_model_card(
 
 def _adapter_config(adapter: Any) -> tuple[Any, Path | None, Any | None]:
     """``(peft config, adapter folder or None, peft model or None)``."""
-    if hasattr(adapter, "peft_config") and hasattr(adapter, "get_base_model"):
+    if is_peft_model(adapter):
         return next(iter(adapter.peft_config.values())), None, adapter
     folder = Path(adapter)
     if not (folder / ADAPTER_CONFIG_NAME).is_file():

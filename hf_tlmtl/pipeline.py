@@ -40,15 +40,11 @@ from transformers.image_utils import load_image
 
 from .image_processing import TimmMultiTaskImageProcessor
 from .tasks import TaskSpec
+from .transfer import base_model
 
 PIPELINE_TASK = "multitask-image-classification"
 DEFAULT_TOP_K = 5
 DEFAULT_THRESHOLD = 0.5
-
-
-def _base_model(model: Any) -> Any:
-    """The TimmMultiTaskModel inside a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
 
 
 def _describe(image: Any) -> str:
@@ -111,12 +107,13 @@ class MultiTaskImageClassificationPipeline(Pipeline):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        base = _base_model(self.model)
-        if not hasattr(base, "tasks") or not hasattr(base.config, "data_config"):
+        try:
+            base = base_model(self.model)
+        except ValueError:
             raise ValueError(
-                f"The {PIPELINE_TASK!r} pipeline needs an hf_tlmtl TimmMultiTaskModel, got {type(base).__name__}; "
+                f"The {PIPELINE_TASK!r} pipeline needs an hf_tlmtl TimmMultiTaskModel, got {type(self.model).__name__}; "
                 "load one with TimmMultiTaskModel.from_pretrained(path) or pass the path of a saved model."
-            )
+            ) from None
         # Inference: a model handed over in training mode would update BatchNorm statistics and drop units.
         self.model.eval()
         self.model_tasks: list[TaskSpec] = list(base.tasks)

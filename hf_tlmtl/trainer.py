@@ -27,7 +27,7 @@ from .balancing import BALANCERS, build_balancer, load_balancer_state, save_bala
 from .callbacks import GradualUnfreezeCallback
 from .metrics import build_compute_metrics
 from .optim import layer_decay_param_groups
-from .transfer import STRATEGIES, TransferSummary, apply_transfer_strategy, is_peft_model, summarize_trainable
+from .transfer import STRATEGIES, TransferSummary, apply_transfer_strategy, base_model, is_peft_model, summarize_trainable
 
 logger = logging.get_logger(__name__)
 
@@ -121,9 +121,9 @@ class MultiTaskTrainer(Trainer):
     def __init__(self, model: Any = None, args: MultiTaskTrainingArguments | None = None, **kwargs: Any):
         if args is None:
             args = MultiTaskTrainingArguments(output_dir="tmp_trainer", report_to="none")
-        base_model = _unwrap(model)
+        base = base_model(model)
+        self.tasks = list(base.tasks)
         model, self.transfer_summary = _prepare_transfer(model, args)
-        self.tasks = list(base_model.tasks)
         if args.label_names is None:
             args.label_names = [t.name for t in self.tasks]
         self.balancer = build_balancer(args.loss_balancing, self.tasks)
@@ -136,14 +136,14 @@ class MultiTaskTrainer(Trainer):
         self._task_by_name = {t.name: t for t in self.tasks}
         if "compute_metrics" not in kwargs:
             kwargs["compute_metrics"] = build_compute_metrics(self.tasks, label_names=args.label_names)
-        self._use_feature_caches(base_model, args, kwargs)
+        self._use_feature_caches(base, args, kwargs)
         super().__init__(model=model, args=args, **kwargs)
         if self.transfer_summary is not None and self.is_world_process_zero():
             logger.info("%s", self.transfer_summary)
         self.gradual_unfreeze: GradualUnfreezeCallback | None = None
         if args.gradual_unfreeze:
             self.gradual_unfreeze = GradualUnfreezeCallback(
-                base_model, max_groups=args.trainable_groups, every_n_steps=args.unfreeze_every_n_steps
+                base, max_groups=args.trainable_groups, every_n_steps=args.unfreeze_every_n_steps
             )
             self.add_callback(self.gradual_unfreeze)
         self.balancer.to(self.args.device)
@@ -152,7 +152,7 @@ class MultiTaskTrainer(Trainer):
             self._check_grad_aggregation_setup()
 
     @staticmethod
-    def _use_feature_caches(base_model: Any, args: MultiTaskTrainingArguments, kwargs: dict[str, Any]) -> None:
+    def _use_feature_caches(base: Any, args: MultiTaskTrainingArguments, kwargs: dict[str, Any]) -> None:
         """``cache_features``: replace ``train_dataset`` / ``eval_dataset`` in ``kwargs`` by their feature caches.
 
         The frozen backbone runs once per dataset (eval transform, no augmentation) through
@@ -171,7 +171,7 @@ class MultiTaskTrainer(Trainer):
         from .data import MultiTaskCollator, cache_features
 
         def cached(dataset: Any) -> Any:
-            return cache_features(base_model, dataset, batch_size=args.per_device_eval_batch_size, device=args.device)
+            return cache_features(base, dataset, batch_size=args.per_device_eval_batch_size, device=args.device)
 
         for key in ("train_dataset", "eval_dataset"):
             dataset = kwargs.get(key)
@@ -179,7 +179,7 @@ class MultiTaskTrainer(Trainer):
                 kwargs[key] = {name: cached(split) for name, split in dataset.items()}
             elif dataset is not None:
                 kwargs[key] = cached(dataset)
-        kwargs.setdefault("data_collator", MultiTaskCollator(base_model.tasks))
+        kwargs.setdefault("data_collator", MultiTaskCollator(base.tasks))
 
     # --------------------------------------------------------------------------------- loss
     def compute_loss(
@@ -274,9 +274,9 @@ class MultiTaskTrainer(Trainer):
             present, _ = self._split_by_presence(outputs, inputs)
         self._record_task_losses(present)
         scale = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        base_model = _unwrap(model)
-        self.balancer.backward(present, features=outputs.pooled, shared_params=base_model.backbone.parameters(), scale=scale)
-        for head in base_model.heads.values():
+        base = base_model(model)
+        self.balancer.backward(present, features=outputs.pooled, shared_params=base.backbone.parameters(), scale=scale)
+        for head in base.heads.values():
             for param in head.parameters():
                 if param.requires_grad and param.grad is None:
                     param.grad = torch.zeros_like(param)
@@ -497,14 +497,3 @@ def _prepare_transfer(model: Any, args: MultiTaskTrainingArguments) -> tuple[Any
         )
     return summary.model, summary
 
-
-def _unwrap(model: Any) -> Any:
-    """The TimmMultiTaskModel inside a peft / DDP wrapper."""
-    while not hasattr(model, "tasks"):
-        inner = getattr(model, "module", None) or getattr(model, "base_model", None)
-        if inner is None or inner is model:
-            inner = getattr(model, "model", None)
-        if inner is None:
-            raise ValueError(f"MultiTaskTrainer needs a TimmMultiTaskModel, got {type(model).__name__}.")
-        model = inner
-    return model
