@@ -45,6 +45,12 @@ class HeadLinear(nn.Linear):
 
     Its own type, because transformers initialises missing weights module by module and skips
     modules without direct parameters (``TaskHead``): the layers must be recognisable on their own.
+
+    Example:
+        >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+        >>> m = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
+        >>> type(m.heads["y"].fc).__name__, float(m.heads["y"].fc.bias.abs().sum())
+        ('HeadLinear', 0.0)
     """
 
 
