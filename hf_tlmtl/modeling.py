@@ -49,7 +49,7 @@ class HeadLinear(nn.Linear):
     Example:
         >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
         >>> m = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
-        >>> type(m.heads["y"].fc).__name__, float(m.heads["y"].fc.bias.abs().sum())
+        >>> type(m.heads["y"].fc).__name__, m.heads["y"].fc.bias.abs().sum().item()
         ('HeadLinear', 0.0)
     """
 

@@ -255,3 +255,12 @@ def test_a_head_missing_from_the_checkpoint_is_initialised_on_a_plain_load(tmp_p
         assert torch.isfinite(layer.weight).all() and 0.005 < layer.weight.std() < 0.05
         assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
     assert torch.equal(loaded.heads["shape"].fc.weight, model.heads["shape"].fc.weight)  # loaded ones untouched
+
+
+@pytest.mark.parametrize("hidden", [None, 16])
+def test_new_models_initialise_their_heads_with_the_config_std(hidden):
+    model = make_model(head_hidden_size=hidden)
+    layers = [m for head in model.heads.values() for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(layers) == len(TASKS) * (2 if hidden else 1)
+    for layer in layers:  # trunc-normal(initializer_range=0.02) and zero bias, not PyTorch's default init
+        assert 0.01 < layer.weight.std() < 0.03 and torch.equal(layer.bias, torch.zeros_like(layer.bias))
