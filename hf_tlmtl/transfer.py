@@ -439,7 +439,7 @@ def recommend_strategy(
 
     The rules assume a *broad* source (ImageNet-scale pre-training). With a narrow source (few
     classes, or a network trained from scratch on little data) its top-stage features are too
-    specific for case 1: ``recipes/transfer_study.py`` measured feature extraction 0.20-0.27 accuracy
+    specific for case 1: ``recipes/transfer_study.py`` measured feature extraction 0.17-0.22 accuracy
     below ``truncate`` there (``benchmarks/transfer_study/``, default and ``--full`` runs). Pass
     ``narrow_source=True`` to get ``truncate`` for case 1, as in case 2.
 
