@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from datasets import ClassLabel, DatasetDict, Image, List, Value
 
-from hf_tlmtl.embedded import COLORS, SHAPES, load_embedded_dataset
+from hf_tlmtl import embedded
+from hf_tlmtl.embedded import COLORS, PHOTOS, SHAPES, load_embedded_dataset
 
 
 def _pixels(dataset) -> np.ndarray:
@@ -89,7 +90,7 @@ def test_digits_split_and_labels():
 
 
 def test_bad_requests_raise_clear_errors():
-    with pytest.raises(ValueError, match=r"Unknown embedded dataset 'cifar'.*\['digits', 'shapes'\]"):
+    with pytest.raises(ValueError, match=r"Unknown embedded dataset 'cifar'.*\['digits', 'photos', 'shapes'\]"):
         load_embedded_dataset("cifar")
     with pytest.raises(ValueError, match=r"digits has 1797 images.*at most 1797"):
         load_embedded_dataset("digits", n_train=1700, n_eval=200)
@@ -101,3 +102,34 @@ def test_bad_requests_raise_clear_errors():
         load_embedded_dataset("shapes", n_train=4, n_eval=4, seed=-1)
     with pytest.raises(ValueError, match="image_size must be an int >= 16"):
         load_embedded_dataset("shapes", n_train=4, n_eval=4, image_size=8)
+
+
+def test_photos_are_balanced_crops_of_every_photo_and_deterministic():
+    ds = load_embedded_dataset("photos", n_train=64, n_eval=16, image_size=32, seed=0)
+    assert ds["train"].features["photo"].names == list(PHOTOS) and len(PHOTOS) == 8
+    assert np.bincount(ds["train"]["photo"], minlength=8).tolist() == [8] * 8
+    assert np.bincount(ds["validation"]["photo"], minlength=8).tolist() == [2] * 8
+    assert ds["train"][0]["image"].size == (32, 32) and ds["train"][0]["image"].mode == "RGB"
+    again = load_embedded_dataset("photos", n_train=64, n_eval=16, image_size=32, seed=0)
+    np.testing.assert_array_equal(_pixels(ds["validation"]), _pixels(again["validation"]))
+    # The photos differ, so the crops of one photo look alike more than crops of two: mean colour per class.
+    pixels = _pixels(ds["train"]).reshape(64, -1, 3).mean(1)
+    labels = np.asarray(ds["train"]["photo"])
+    class_means = np.stack([pixels[labels == c].mean(0) for c in range(8)])
+    assert np.ptp(class_means, axis=0).max() > 40
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def test_no_validation_pixel_is_in_a_training_crop():
+    photos = [embedded._load_photo(name) for name in PHOTOS]
+    train_blocks, eval_blocks = embedded._split_blocks(photos, seed=3)
+    rng = np.random.default_rng(0)
+    train, validation = embedded._crop_boxes(train_blocks, 400, rng), embedded._crop_boxes(eval_blocks, 100, rng)
+    for label, box in validation:
+        assert not any(_overlap(box, other) for other_label, other in train if other_label == label)
+        assert any(b[0] <= box[0] and b[1] <= box[1] and box[2] <= b[2] and box[3] <= b[3] for b in eval_blocks[label])
+    held_out = embedded.photo_validation_blocks(3)
+    assert all(len(set(h)) == 4 for h in held_out) and held_out != embedded.photo_validation_blocks(4)
