@@ -376,6 +376,8 @@ class Recommendation:
     case: int
     reason: str
     layer_decay: float | None = None
+    measurement: Any = field(default=None, repr=False)
+    """The :class:`~hf_tlmtl.transferability.SimilarityMeasurement` behind ``similarity="measured"``."""
 
     def training_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``MultiTaskTrainingArguments`` that follow this advice."""
@@ -390,10 +392,10 @@ class Recommendation:
 def _similarity_is_high(similarity: str | float, threshold: float) -> bool:
     if isinstance(similarity, str):
         if similarity.lower() not in ("similar", "different"):
-            raise ValueError(f"similarity must be 'similar', 'different' or a number in [0, 1]; got {similarity!r}.")
+            raise ValueError(f"similarity must be 'similar', 'different', 'measured' or a number in [0, 1]; got {similarity!r}.")
         return similarity.lower() == "similar"
     if isinstance(similarity, bool) or not isinstance(similarity, numbers.Real) or math.isnan(similarity):
-        raise ValueError(f"similarity must be 'similar', 'different' or a number in [0, 1]; got {similarity!r}.")
+        raise ValueError(f"similarity must be 'similar', 'different', 'measured' or a number in [0, 1]; got {similarity!r}.")
     if not 0.0 <= float(similarity) <= 1.0:
         raise ValueError(f"similarity must be in [0, 1] (1 = the source task itself), got {similarity}.")
     return float(similarity) >= threshold
@@ -406,12 +408,17 @@ def _default_truncate_stage(model: nn.Module | None) -> int | None:
 
 def recommend_strategy(
     num_train_samples: int,
-    similarity: str | float,
+    similarity: str | float | Any,
     *,
     small_dataset_max_samples: int = SMALL_DATASET_MAX_SAMPLES,
     similarity_threshold: float = SIMILARITY_THRESHOLD,
     top_groups: int = LARGE_SIMILAR_TRAINABLE_GROUPS,
     model: nn.Module | None = None,
+    dataset: Any = None,
+    tasks: Any = None,
+    method: str = "logme",
+    cache_dir: str | None = None,
+    image_column: str = "image",
     narrow_source: bool = False,
 ) -> Recommendation:
     """The classic four transfer-learning cases (Yosinski et al. 2014; CS231n "Transfer Learning").
@@ -437,6 +444,17 @@ def recommend_strategy(
     With ``model``, case 2 gets its concrete ``truncate_stage`` and case 3 its ``trainable_groups``
     is capped at the model's number of layer groups.
 
+    ``similarity="measured"`` (with ``model`` = the source and ``dataset`` = the target data, its
+    ``train`` split; ``tasks``, ``method``, ``cache_dir``, ``image_column`` as in
+    :func:`~hf_tlmtl.transferability.measure_similarity`) measures instead of asking: the source's frozen
+    features are scored (LogME by default) against the target labels and against random features of
+    the same network; the gain becomes the similarity through the logistic calibrated on the transfer
+    study (:data:`~hf_tlmtl.transferability.MEASURED_GAIN_THRESHOLD`). When the source without its top
+    stage scores higher than the whole source, the top stage is source-specific and case 1 becomes
+    ``truncate``. ``reason`` names the scores and the case they led to; ``measurement`` keeps them.
+    A :class:`~hf_tlmtl.transferability.SimilarityMeasurement` measured earlier can be passed as
+    ``similarity`` too.
+
     The rules assume a *broad* source (ImageNet-scale pre-training). With a narrow source (few
     classes, or a network trained from scratch on little data) its top-stage features are too
     specific for case 1: ``recipes/transfer_study.py`` measured feature extraction 0.17-0.22 accuracy
@@ -460,16 +478,49 @@ def recommend_strategy(
         raise ValueError(f"similarity_threshold must be in [0, 1], got {similarity_threshold}.")
     if small_dataset_max_samples < 1 or top_groups < 1:
         raise ValueError("small_dataset_max_samples and top_groups must be >= 1.")
+    measurement = similarity if hasattr(similarity, "top_stage_hurts") else None  # a SimilarityMeasurement
+    if isinstance(similarity, str) and similarity.lower() == "measured":
+        measurement = _measure(model, dataset, tasks, method, cache_dir, image_column)
+    if measurement is not None:
+        narrow_source = narrow_source or measurement.top_stage_hurts
+        similarity = round(measurement.similarity, 3)
     similar = _similarity_is_high(similarity, similarity_threshold)
     small = num_train_samples < small_dataset_max_samples
     size = f"{num_train_samples:,} samples ({'<' if small else '>='} {small_dataset_max_samples:,}: {'small' if small else 'large'})"
     sim = f"similarity {similarity!r} ({'similar' if similar else 'different'})"
+    if measurement is not None:
+        sim += f" from {measurement.describe()}"
+    rec = _recommend_case(small, similar, narrow_source, size, sim, top_groups, model, measurement)
+    rec.measurement = measurement
+    return rec
+
+
+def _measure(model: Any, dataset: Any, tasks: Any, method: str, cache_dir: str | None, image_column: str) -> Any:
+    if model is None or dataset is None:
+        raise ValueError(
+            "similarity='measured' needs model= (the source, a TimmMultiTaskModel) and dataset= (the target data) "
+            "to score the source's features on the target; or pass 'similar' / 'different' / a number in [0, 1]."
+        )
+    from .transferability import measure_similarity
+
+    return measure_similarity(model, dataset, tasks=tasks, method=method, cache_dir=cache_dir, image_column=image_column)
+
+
+def _recommend_case(
+    small: bool, similar: bool, narrow_source: bool, size: str, sim: str, top_groups: int, model: nn.Module | None,
+    measurement: Any,
+) -> Recommendation:
     if small and similar and narrow_source:
+        why = (
+            "the source without its top stage scores higher on the target than the whole source"
+            if measurement is not None and measurement.top_stage_hurts
+            else "narrow source (measured: feature extraction well below truncate in benchmarks/transfer_study)"
+        )
         return Recommendation(
             "truncate", None, _default_truncate_stage(model), 1,
-            f"Case 1, small & similar, narrow source: {size}, {sim}. The source's top stage is specific to its "
-            "few classes (measured: feature extraction well below truncate in benchmarks/transfer_study); drop it, "
-            f"feed the heads from the stage below and tune gently (layer_decay={SMALL_DIFFERENT_LAYER_DECAY}).",
+            f"Case 1, small & similar, top stage too specific: {size}, {sim}. The source's top stage is specific "
+            f"to its own task ({why}); drop it, feed the heads from the stage below and tune gently "
+            f"(layer_decay={SMALL_DIFFERENT_LAYER_DECAY}).",
             layer_decay=SMALL_DIFFERENT_LAYER_DECAY,
         )
     if small and similar:

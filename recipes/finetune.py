@@ -84,7 +84,8 @@ class ModelArguments:
     drop_path_rate: float | None = field(default=None, metadata={"help": "timm stochastic depth rate."})
     task_similarity: str | None = field(
         default=None,
-        metadata={"help": "How close this data is to the source model's: similar | different | a number in [0, 1]. "
+        metadata={"help": "How close this data is to the source model's: measured (scored on the training data with "
+                  "LogME, see hf_tlmtl.transferability) | similar | different | a number in [0, 1]. "
                   "Prints hf_tlmtl.transfer.recommend_strategy's advice in the transfer plan."},
     )
     narrow_source: bool = field(
@@ -369,7 +370,8 @@ def setup(argv: list[str]) -> Run:
     recommendation = None
     if model_args.task_similarity is not None:
         recommendation = recommend_strategy(
-            len(raw["train"]), _similarity(model_args.task_similarity), model=model, narrow_source=model_args.narrow_source
+            len(raw["train"]), _similarity(model_args.task_similarity), model=model, narrow_source=model_args.narrow_source,
+            dataset=raw["train"], tasks=model.tasks, image_column=data_args.image_column,
         )
     baselines = baseline_metrics(raw["train"], raw["validation"], model.tasks)
     push_repo = check_push_to_hub(training_args)
@@ -424,7 +426,7 @@ def describe_plan(run: Run) -> str:
         lines.append(f"advice   : {rec.reason}")
         lines.append("           to follow it: " + " ".join(f"--{k} {v}" for k, v in advice.items()))
     elif run.model_args.init_from or config.backbone_source:
-        lines.append("advice   : pass --task_similarity similar|different|0..1 for recommend_strategy's transfer advice")
+        lines.append("advice   : pass --task_similarity measured (or similar|different|0..1) for recommend_strategy's transfer advice")
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     lines.append(
         f"training : {args.num_train_epochs:g} epochs, global batch {global_batch} ({args.world_size} process(es) x "
