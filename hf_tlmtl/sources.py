@@ -51,7 +51,7 @@ def embedded_dataset_names() -> list[str]:
 
     Example:
         >>> embedded_dataset_names()
-        ['digits', 'shapes']
+        ['digits', 'photos', 'shapes']
     """
     from . import embedded
 
