@@ -374,7 +374,8 @@ def load_source(
     backbone: str, tasks: Sequence[TaskSpec], image_size: int | None = None, keep_classifier: bool = False, **timm_kwargs: Any
 ) -> nn.Module:
     """A :class:`~hf_tlmtl.TimmMultiTaskModel` on ``backbone``'s pretrained weights (timm name, ``hf-hub:``,
-    ``local-dir:``), or a saved hf_tlmtl model folder re-headed for ``tasks``.
+    ``local-dir:``) with heads for ``tasks``, or a saved hf_tlmtl model folder as saved (scoring reads its
+    backbone; its heads are source classifiers for LEEP).
 
     With ``keep_classifier`` the source's own classifier (timm ``get_classifier()``) is attached as
     ``model.source_classifier`` for LEEP; ``ValueError`` if the source has none (``num_classes=0``).
@@ -396,7 +397,7 @@ def load_source(
                 f"{backbone!r} is a saved hf_tlmtl model: its classifiers are its task heads; pass "
                 "source_task='<task>' for LEEP instead of keep_classifier."
             )
-        return _with_tasks(TimmMultiTaskModel.from_pretrained(backbone), list(tasks))
+        return TimmMultiTaskModel.from_pretrained(backbone)  # its own heads stay: LEEP's source_task reads them
     model = TimmMultiTaskModel.from_backbone(backbone, tasks, pretrained=True, image_size=image_size, **timm_kwargs)
     if keep_classifier:
         import timm

@@ -148,6 +148,9 @@ def test_leep_on_a_saved_model_reads_its_classification_head(digits, tmp_path):
     model = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="src", type="classification", num_labels=3)], image_size=32)
     score = score_transferability(model, digits, tasks=[DIGIT], method="leep", source_task="src", cache_dir=str(tmp_path))
     assert -math.log(10) - 1e-6 <= score["digit"] <= 0.0
+    model.save_pretrained(tmp_path / "saved")  # the same source by its folder: the same score
+    again = score_transferability(str(tmp_path / "saved"), digits, tasks=[DIGIT], method="leep", source_task="src", cache_dir=str(tmp_path))
+    assert again["digit"] == pytest.approx(score["digit"], abs=1e-6)
 
 
 def _constant_features(model: TimmMultiTaskModel) -> TimmMultiTaskModel:
