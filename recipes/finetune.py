@@ -118,8 +118,9 @@ class DataArguments:
     validation_fraction: float = field(default=0.2, metadata={"help": "Held-out fraction when the data has no validation split."})
     augment: bool = field(
         default=True,
-        metadata={"help": "timm's training augmentation (random resized crop, flip, colour jitter). Turn it off when "
-                  "labels are geometric (size, position, rotation) or for bit-exact resumes."},
+        metadata={"help": "timm's training augmentation (random resized crop, flip, colour jitter), seeded per image "
+                  "from --seed, the epoch and the row (resumes stay exact). Turn it off when labels are geometric "
+                  "(size, position, rotation)."},
     )
     verify_images: bool = field(default=True, metadata={"help": "Open every local image once before training."})
 
@@ -129,7 +130,10 @@ class RunArguments:
     """How this run treats its output folder."""
 
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Replace a previous run in output_dir (its checkpoints and result files)."}
+        default=False,
+        metadata={"help": "Replace a previous run in output_dir (its checkpoints and result files): it is set aside in "
+                  "output_dir/.previous-run until the new run's first checkpoint or final model, and put back if the "
+                  "new run fails before that."},
     )
     model_card: bool = field(default=True, metadata={"help": "Write the model card (README.md) into output_dir."})
 

@@ -81,3 +81,64 @@ def test_saved_model_loads_and_matches_one_process_run(runs):
     assert len(compared) >= 8
     for key in compared:
         assert eval_two[key] == pytest.approx(eval_one[key], abs=TOLERANCE), key
+
+
+# ---------------------------------------------------------------- kill and resume, 2 processes, augmentation on
+# 32 rows, 2 processes x 4 = global batch 8: 4 steps per epoch, 2 epochs, a checkpoint every 2 steps. BatchNorm
+# trains (each process normalises its own 4 images), augmentation is on (seeded per row, so the processes
+# and the resumed run crop every row as the uninterrupted run does): the resumed run must end bit for bit
+# where the uninterrupted 2-process run ends.
+RESUME = [
+    *TINY,
+    "--dataset", "shapes", "--n_train", "32", "--n_eval", "8", "--tasks", "shape,scale", "--augment", "true",
+    "--per_device_train_batch_size", "4", "--num_train_epochs", "2",
+    "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "2",
+]
+
+
+def _launch(args, output_dir):
+    return [
+        str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        str(FINETUNE), *map(str, args), "--output_dir", str(output_dir),
+    ]
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(tmp_path_factory):
+    import os
+    import signal
+    import time
+
+    tmp = tmp_path_factory.mktemp("distributed_resume")
+    reference, killed = tmp / "reference", tmp / "killed"
+    check_ok(subprocess.run(_launch(RESUME, reference), cwd=tmp, env=recipe_env(tmp), capture_output=True, text=True,
+                            timeout=300))
+    proc = subprocess.Popen(_launch(RESUME, killed), cwd=tmp, env=recipe_env(tmp), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        while not (killed / "checkpoint-2" / "trainer_state.json").is_file():
+            assert proc.poll() is None, "the 2-process run ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.02)
+        finished_early = (killed / "model.safetensors").exists()
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+    finally:
+        proc.wait()
+    assert not finished_early
+    check_ok(subprocess.run(_launch([*RESUME, "--resume_from_checkpoint", "true"], killed), cwd=tmp, env=recipe_env(tmp),
+                            capture_output=True, text=True, timeout=300))
+    return reference, killed
+
+
+def test_two_process_resume_with_augmentation_is_exact(resumed_runs):
+    reference, killed = resumed_runs
+    info = summary(killed)
+    assert info["world_size"] == 2 and "checkpoint-" in info["resumed_from"]
+    expected, got = load_file(reference / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert expected.keys() == got.keys()
+    different = [key for key in expected if not torch.equal(got[key], expected[key])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    first = load_file(killed / "checkpoint-2" / "model.safetensors")
+    assert sum(not torch.equal(first[k], got[k]) for k in first) > len(first) // 3  # training went on after it

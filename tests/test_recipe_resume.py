@@ -99,4 +99,5 @@ def test_overwrite_output_dir_replaces_a_previous_run(runs, tmp_path):
                            "--output_dir", out, "--overwrite_output_dir", "true"], tmp_path))
     assert (out / "notes.txt").read_text() == "mine"
     assert not stale.exists() and not list(out.glob("checkpoint-*"))
+    assert not (out / ".previous-run").exists()  # set aside during the run, deleted once the new model was saved
     assert [t["name"] for t in summary(out)["tasks"]] == ["shape"]
