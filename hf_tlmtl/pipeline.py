@@ -4,8 +4,8 @@
 "multitask-image-classification", model=saved_dir_or_repo_or_model)`` works like any other
 pipeline (devices, ``batch_size=``, lists, generators and datasets as input). Lists, generators and
 datasets of images go through the model :data:`DEFAULT_BATCH_SIZE` at a time unless ``batch_size=``
-says otherwise (transformers' pipelines default to one image per forward pass, about 9x slower on
-CPU: ``benchmarks/RESULTS.md``). Each image gives one dict keyed by task name:
+says otherwise (transformers' pipelines default to one image per forward pass, which is slower:
+``benchmarks/RESULTS.md``, "Pipeline batching"). Each image gives one dict keyed by task name:
 
 - classification: the ``top_k`` classes, ``[{"label": ..., "score": softmax probability}, ...]``;
 - multilabel: the labels whose sigmoid probability is ``>= threshold``, highest first;
