@@ -345,8 +345,9 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
     ) -> "TimmMultiTaskModel":
         """``PreTrainedModel.from_pretrained``, plus re-heading with ``tasks=``.
 
-        With ``tasks``, the backbone and every head whose task name and output size still match
-        are loaded; the other heads start fresh (transfer to new tasks).
+        With ``tasks``, the backbone and every head whose task name, type, output size and class
+        names still match are loaded; the other heads start fresh (transfer to new tasks). Weights
+        load from safetensors only, and backbone weights the checkpoint lacks are a ``ValueError``.
 
         Example:
             >>> import tempfile
