@@ -234,6 +234,16 @@ def _lora_on_depthwise_conv() -> None:
     apply_lora(model, r=24, target_modules="stages.0.blocks.0.conv_dw")  # 24 groups: the rank divides them
 
 
+def _lora_on_frozen_batch_norm() -> None:
+    from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+    from hf_tlmtl.adapters import apply_lora
+    from hf_tlmtl.transfer import apply_transfer_strategy
+
+    model = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
+    apply_transfer_strategy(model, "feature_extraction")  # BatchNorm -> FrozenBatchNorm2d
+    apply_lora(model, r=4, target_modules="bn1")
+
+
 def _load(folder: str, **kwargs):
     from hf_tlmtl import TaskSpec, TimmMultiTaskModel
 
@@ -252,6 +262,9 @@ API_CASES = {
     "apply_lora on a grouped convolution, divisible rank": (
         lambda made, tmp_path: _lora_on_depthwise_conv(),
         ["grouped convolution (groups=24)", "cannot be merged", "Leave grouped convolutions out"]),
+    "apply_lora matching only frozen BatchNorm layers": (
+        lambda made, tmp_path: _lora_on_frozen_batch_norm(),
+        ["target_modules='bn1' matches no Linear/Conv2d layer", "Layers that can take adapters", "or 'auto'"]),
     "from_pretrained, only pytorch_model.bin": (_load("pickled"), ["only safetensors", "use_safetensors=False"]),
     "from_pretrained(tasks=...), weights without the backbone": (
         _load("no_backbone", reheaded=True), ["backbone weights are missing", "from_backbone"]),
