@@ -13,7 +13,9 @@ Writes into ``output_dir``: the model (``config.json`` + ``model.safetensors``, 
 ``transformers.AutoModel`` after ``import hf_tlmtl``), ``preprocessor_config.json``,
 ``training_summary.json`` (arguments, data, transfer plan, per-task metrics, baselines),
 ``training_curves.png``, ``trainer_state.json``, the model card ``README.md`` and
-``checkpoint-*`` folders for ``--resume_from_checkpoint true``.
+``checkpoint-*`` folders for ``--resume_from_checkpoint true``. ``--overwrite_output_dir true`` sets a
+previous run aside (``output_dir/.previous-run``) until this run's first checkpoint or final model,
+and puts it back if this run fails first (``hf_tlmtl.run_folder``).
 """
 
 from __future__ import annotations
