@@ -237,10 +237,14 @@ def _check_grouped(model: nn.Module, targets: list[str], r: int, method: str) ->
     modules = adaptable_modules(model)
     for name in targets:
         groups = getattr(modules[name], "groups", 1)
-        if method == "lora" and groups > 1 and r % groups:
+        if method == "lora" and groups > 1:
+            # Even with a divisible rank peft cannot merge it: merge_adapter (and recipes/finetune.py, which
+            # saves the merged model) would fail after training.
+            need = f"needs r divisible by {groups} (got r={r}) and " if r % groups else ""
             raise ValueError(
-                f"{name} is a grouped convolution (groups={groups}): LoRA on it needs r divisible by {groups} "
-                f"(got r={r}) and cannot be merged. Leave it out of target_modules ('auto' does) or pick such an r."
+                f"{name} is a grouped convolution (groups={groups}): LoRA on it {need}cannot be merged into "
+                "the model. Leave grouped convolutions out of target_modules ('auto' does), or use method='loha' / "
+                "'lokr', which merge them."
             )
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -48,6 +49,8 @@ from .tasks import IGNORE_INDEX, TaskSpec
 
 FEATURES_COLUMN = "features"
 """Column (and model keyword) holding pooled backbone features in a feature cache."""
+ROW_COLUMN = "__hf_tlmtl_row__"
+"""Column :func:`prepare_dataset` adds (with ``seed=``) so the transform knows which row it augments."""
 
 # timm's default RandomResizedCrop keeps as little as 8% of the image (ImageNet at 224 px);
 # small images lose the object at that zoom, so training crops keep at least 35% by default.
@@ -264,29 +267,60 @@ def _encode_labels(label: _LabelColumn, values: list[Any]) -> torch.Tensor:
 
 
 class _BatchTransform:
-    """The ``with_transform`` function: images -> ``pixel_values`` (or cached ``features``), labels by task."""
+    """The ``with_transform`` function: images -> ``pixel_values`` (or cached ``features``), labels by task.
+
+    With ``seed``, each image is transformed under random generators (Python's, NumPy's and torch's)
+    seeded from ``(seed, epoch, row)`` and put back afterwards: the same row in the same epoch gets
+    the same augmentation whichever process, worker or resumed run reads it, and reading it does not
+    move the generators that the training step uses (dropout, the sampler's shuffle). The Trainer
+    sets the epoch (:meth:`set_epoch`, by ``MultiTaskTrainer``).
+    """
 
     def __init__(
         self,
         labels: list[_LabelColumn],
         image_column: str | None,
         image_transform: Callable | None,
+        seed: int | None = None,
     ):
         self.labels = labels
         self.image_column = image_column
         self.image_transform = image_transform
+        self.seed = seed
+        self.epoch = 0
 
     @property
     def labelled_tasks(self) -> list[str]:
         return [label.task.name for label in self.labels]
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next rows are read in (a seeded transform draws new augmentations per epoch)."""
+        self.epoch = int(epoch)
+
+    def _transform(self, image: PILImage.Image, row: int | None) -> torch.Tensor:
+        if self.seed is None or row is None:
+            return self.image_transform(image)
+        seed = int(np.random.SeedSequence([self.seed % 2**63, self.epoch, int(row)]).generate_state(1)[0])
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            try:
+                return self.image_transform(image)
+            finally:
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.image_transform is None:
             out[FEATURES_COLUMN] = torch.tensor(np.asarray(batch[FEATURES_COLUMN], dtype=np.float32))
         else:
+            images = batch[self.image_column]
+            rows = batch.get(ROW_COLUMN) or [None] * len(images)
             out["pixel_values"] = torch.stack(
-                [self.image_transform(_to_rgb(image, self.image_column)) for image in batch[self.image_column]]
+                [self._transform(_to_rgb(image, self.image_column), row) for image, row in zip(images, rows)]
             )
         for label in self.labels:
             out[label.task.name] = _encode_labels(label, batch[label.column])
@@ -310,6 +344,7 @@ def prepare_dataset(
     image_column: str = "image",
     labelled_tasks: Iterable[str] | None = None,
     transform: Callable | None = None,
+    seed: int | None = None,
 ) -> Dataset:
     """Check a dataset against the model's tasks and attach the timm transform lazily.
 
@@ -333,6 +368,11 @@ def prepare_dataset(
         labelled_tasks: Task names this dataset labels (default: all of the model's tasks). The
             others are left out and :class:`MultiTaskCollator` fills them as missing.
         transform: Replaces :func:`build_transforms` (any ``PIL image -> tensor`` callable).
+        seed: Seed the augmentation per row: row ``i`` in epoch ``e`` is transformed under random
+            generators seeded from ``(seed, e, i)`` (and the global generators are left as they were),
+            so a resumed or data-parallel run augments every row exactly as an uninterrupted run
+            does. :class:`~hf_tlmtl.trainer.MultiTaskTrainer` advances the epoch. Adds a row-index
+            column (:data:`ROW_COLUMN`) to the raw dataset. ``None``: draw from the global generators.
 
     Example:
         >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
@@ -347,10 +387,19 @@ def prepare_dataset(
     dataset = _require_dataset(dataset, "prepare_dataset")
     config = _as_config(config)
     raw = _raw(dataset)
+    if len(raw) == 0:
+        raise ValueError(
+            f"prepare_dataset got an empty {'training' if train else 'evaluation'} split (0 rows, columns "
+            f"{raw.column_names}); check the split name, the filter or n_train / n_eval that emptied it."
+        )
     _check_image_column(raw, image_column)
     labels = _plan_label_columns(raw, config.task_specs, labelled_tasks)
     image_transform = transform if transform is not None else build_transforms(config, train=train)
-    return raw.with_transform(_BatchTransform(labels, image_column, image_transform))
+    if ROW_COLUMN in raw.column_names:
+        raw = raw.remove_columns(ROW_COLUMN)
+    if seed is not None:
+        raw = raw.add_column(ROW_COLUMN, np.arange(len(raw), dtype=np.int64))
+    return raw.with_transform(_BatchTransform(labels, image_column, image_transform, seed=seed))
 
 
 def _raw(dataset: Dataset) -> Dataset:

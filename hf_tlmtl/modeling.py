@@ -190,6 +190,31 @@ def _drop_load_report(record: Any) -> bool:
     return "LOAD REPORT" not in str(record.msg)
 
 
+def _check_saved_folder(path: Any, kwargs: dict[str, Any]) -> None:
+    """A local folder: valid config.json and safetensors weights (see :mod:`hf_tlmtl.checkpoints`)."""
+    if isinstance(path, (str, os.PathLike)) and kwargs.get("state_dict") is None:
+        from .checkpoints import check_model_folder
+
+        check_model_folder(path, allow_pickle=kwargs.get("use_safetensors") is False)
+
+
+def _same_head(old: TaskSpec, new: TaskSpec) -> bool:
+    """A saved head serves a new task of its name only if type, size and class names (when both have them) match."""
+    same_labels = old.labels is None or new.labels is None or old.labels == new.labels
+    return old.type == new.type and old.num_outputs == new.num_outputs and same_labels
+
+
+@torch.no_grad()
+def _reinit_heads(model: "TimmMultiTaskModel", names: list[str]) -> None:
+    """Fresh weights for heads that a same-shaped but different saved head was loaded into (torch's own
+    init: transformers' ``init`` functions skip weights that the load marked as initialised)."""
+    for name in names:
+        for module in model.heads[name].modules():
+            if isinstance(module, HeadLinear):
+                nn.init.trunc_normal_(module.weight, std=model.config.initializer_range)
+                nn.init.zeros_(module.bias)
+
+
 class TimmMultiTaskPreTrainedModel(PreTrainedModel):
     config_class = TimmMultiTaskConfig
     config: TimmMultiTaskConfig
@@ -320,8 +345,9 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
     ) -> "TimmMultiTaskModel":
         """``PreTrainedModel.from_pretrained``, plus re-heading with ``tasks=``.
 
-        With ``tasks``, the backbone and every head whose task name and output size still match
-        are loaded; the other heads start fresh (transfer to new tasks).
+        With ``tasks``, the backbone and every head whose task name, type, output size and class
+        names still match are loaded; the other heads start fresh (transfer to new tasks). Weights
+        load from safetensors only, and backbone weights the checkpoint lacks are a ``ValueError``.
 
         Example:
             >>> import tempfile
@@ -332,15 +358,16 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
             >>> list(m2.heads)
             ['b']
         """
+        _check_saved_folder(pretrained_model_name_or_path, kwargs)
         if tasks is None:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            return cls._load_checked(pretrained_model_name_or_path, *model_args, **kwargs)
         config = kwargs.pop("config", None) or TimmMultiTaskConfig.from_pretrained(
             pretrained_model_name_or_path, **{k: v for k, v in kwargs.items() if k in ("revision", "cache_dir", "local_files_only", "token")}
         )
         old = {t.name: t for t in config.task_specs}
         config.set_tasks(list(tasks))
         new = config.task_specs
-        reused = [t.name for t in new if t.name in old and old[t.name].num_outputs == t.num_outputs]
+        reused = [t.name for t in new if t.name in old and _same_head(old[t.name], t)]
         fresh = [t.name for t in new if t.name not in reused]
         kwargs.setdefault("ignore_mismatched_sizes", True)
         # transformers' load report would list every new and dropped head key as MISSING / UNEXPECTED with
@@ -349,15 +376,29 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
         load_logger = logging.get_logger("transformers.modeling_utils")
         load_logger.addFilter(_drop_load_report)
         try:
-            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+            model = cls._load_checked(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
         finally:
             load_logger.removeFilter(_drop_load_report)
+        _reinit_heads(model, [name for name in fresh if name in old])  # same name and size, other task: not reused
         logger.warning(
             "Re-headed %s: reused heads %s, new heads %s, dropped heads %s.",
             pretrained_model_name_or_path, reused, fresh, sorted(set(old) - {t.name for t in new}),
         )
         model.reused_heads, model.new_heads = reused, fresh
         return model
+
+    @classmethod
+    def _load_checked(cls, path: Any, *model_args: Any, **kwargs: Any) -> Any:
+        """``PreTrainedModel.from_pretrained`` from safetensors only; backbone weights left unloaded are an error."""
+        from .checkpoints import backbone_load_error
+
+        kwargs.setdefault("use_safetensors", True)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(path, *model_args, output_loading_info=True, **kwargs)
+        error = backbone_load_error(path, model, info)
+        if error:
+            raise ValueError(error)
+        return (model, info) if want_info else model
 
     # ---------------------------------------------------------------------------------- shape
     @property

@@ -2,8 +2,10 @@
 
 ``import hf_tlmtl`` registers it with transformers, so ``transformers.pipeline(
 "multitask-image-classification", model=saved_dir_or_repo_or_model)`` works like any other
-pipeline (devices, ``batch_size=``, lists, generators and datasets as input). Each image gives
-one dict keyed by task name:
+pipeline (devices, ``batch_size=``, lists, generators and datasets as input). Lists, generators and
+datasets of images go through the model :data:`DEFAULT_BATCH_SIZE` at a time unless ``batch_size=``
+says otherwise (transformers' pipelines default to one image per forward pass, which is slower:
+``benchmarks/RESULTS.md``, "Pipeline batching"). Each image gives one dict keyed by task name:
 
 - classification: the ``top_k`` classes, ``[{"label": ..., "score": softmax probability}, ...]``;
 - multilabel: the labels whose sigmoid probability is ``>= threshold``, highest first;
@@ -45,6 +47,8 @@ from .transfer import base_model
 PIPELINE_TASK = "multitask-image-classification"
 DEFAULT_TOP_K = 5
 DEFAULT_THRESHOLD = 0.5
+DEFAULT_BATCH_SIZE = 32
+"""Images per forward pass for lists, generators and datasets when ``batch_size`` is not given."""
 
 
 def _describe(image: Any) -> str:
@@ -84,6 +88,8 @@ class MultiTaskImageClassificationPipeline(Pipeline):
     """Predictions of every task of a :class:`~hf_tlmtl.TimmMultiTaskModel` for each image.
 
     Call arguments (also accepted by ``pipeline(...)`` as defaults):
+        batch_size: Images per forward pass over a list / generator / dataset (default
+            :data:`DEFAULT_BATCH_SIZE`; transformers' own default is 1).
         top_k: Classes returned per classification task (default 5, capped at the class count).
         threshold: Multilabel tasks return the labels with probability ``>= threshold`` (default 0.5).
         tasks: Only these tasks (default: all).
@@ -107,6 +113,8 @@ class MultiTaskImageClassificationPipeline(Pipeline):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if self._batch_size is None:
+            self._batch_size = DEFAULT_BATCH_SIZE
         try:
             base = base_model(self.model)
         except ValueError:
@@ -191,4 +199,4 @@ class MultiTaskImageClassificationPipeline(Pipeline):
         return result
 
 
-__all__ = ["DEFAULT_THRESHOLD", "DEFAULT_TOP_K", "MultiTaskImageClassificationPipeline", "PIPELINE_TASK", "read_image"]
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_THRESHOLD", "DEFAULT_TOP_K", "MultiTaskImageClassificationPipeline", "PIPELINE_TASK", "read_image"]

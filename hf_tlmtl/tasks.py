@@ -90,8 +90,15 @@ class TaskSpec:
         if self.type not in TASK_TYPES:
             raise ValueError(f"Task {self.name!r}: unknown type {self.type!r}; use one of {list(TASK_TYPES)}.")
         if self.labels is not None:
-            self.labels = [str(label) for label in self.labels]
+            given, self.labels = list(self.labels), [str(label) for label in self.labels]
             if len(set(self.labels)) != len(self.labels):
+                text = next(t for t in self.labels if self.labels.count(t) > 1)
+                clash = [g for g, t in zip(given, self.labels) if t == text]
+                if len(set(map(repr, clash))) > 1:  # distinct values that read the same as text, e.g. 1 and "1"
+                    raise ValueError(
+                        f"Task {self.name!r}: labels {clash} are different values but the same class name {text!r} "
+                        "(labels are stored as text); give each class a distinct name."
+                    )
                 raise ValueError(f"Task {self.name!r}: labels contain duplicates: {self.labels}.")
             if self.num_labels is not None and self.num_labels != len(self.labels):
                 raise ValueError(

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -150,6 +151,102 @@ class MultiTaskTrainer(Trainer):
         self.add_callback(_BalancerCallback(self))
         if self.balancer.requires_grad_aggregation:
             self._check_grad_aggregation_setup()
+        seeded = _seeded_transform(self.train_dataset)
+        if seeded is not None:
+            self.add_callback(_AugmentationEpochCallback(seeded))
+            if args.dataloader_persistent_workers and args.dataloader_num_workers > 0:
+                logger.warning(
+                    "dataloader_persistent_workers keeps the workers' copy of the dataset from the first epoch: the "
+                    "per-row augmentation seed does not advance with the epoch (each epoch repeats the first one's crops)."
+                )
+        self._checked_can_train: str | None | bool = False
+
+    # ------------------------------------------------------------------ checks before training
+    def check_can_train(self) -> str | None:
+        """Checks that would otherwise fail only inside ``train()``, after output folders were touched.
+
+        - The optimizer (``--optim`` with its learning rate, betas, epsilon, weight decay) and the LR
+          scheduler are built once on a dummy parameter: ``ValueError`` for settings they refuse.
+        - BatchNorm that trains cannot normalise one value per channel: when a layer of the backbone sees
+          1x1 feature maps at the model's input size, ``per_device_train_batch_size=1`` is a ``ValueError``
+          and a last partial batch of one image is dropped (``dataloader_drop_last``; the returned note
+          says so).
+
+        Runs once (``train()`` calls it too); returns a note on what was adjusted, or None.
+        """
+        if self._checked_can_train is not False:
+            return self._checked_can_train or None
+        self._check_optimizer_settings()
+        note = self._check_batch_norm_batches()
+        self._checked_can_train = note
+        return note
+
+    def _check_optimizer_settings(self) -> None:
+        model = self.model
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        if _is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
+            return  # builds its own groups from the model: nothing to try on a dummy parameter
+        dummy = torch.nn.Parameter(torch.zeros(2))
+        try:
+            optimizer = optimizer_cls([dummy], **optimizer_kwargs)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"optim={getattr(self.args.optim, 'value', self.args.optim)!r} refuses these settings ({e}): check learning_rate="
+                f"{self.args.learning_rate}, weight_decay={self.args.weight_decay}, adam_beta1/adam_beta2="
+                f"{self.args.adam_beta1}/{self.args.adam_beta2}, adam_epsilon={self.args.adam_epsilon}, optim_args."
+            ) from None
+        from transformers import get_scheduler
+
+        steps = self.args.max_steps if self.args.max_steps > 0 else 100
+        try:
+            get_scheduler(
+                self.args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=self.args.get_warmup_steps(steps),
+                num_training_steps=steps, scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+            )
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"lr_scheduler_type={str(self.args.lr_scheduler_type)!r} refuses these settings ({e}); check "
+                f"lr_scheduler_kwargs={self.args.lr_scheduler_kwargs}."
+            ) from None
+
+    def _check_batch_norm_batches(self) -> str | None:
+        if self.args.cache_features or self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
+            return None
+        found = batch_norm_min_values(self.model)
+        if found is None or found[0] > 1:
+            return None
+        _, layer = found
+        base = base_model(self.model)
+        size = "x".join(str(v) for v in base.config.data_config.get("input_size", [])[1:])
+        batch, rows = self.args.per_device_train_batch_size, len(self.train_dataset)
+        fix = (
+            "use a batch size of 2 or more, a larger image size, or transfer_strategy='feature_extraction' "
+            "(BatchNorm frozen)"
+        )
+        why = (
+            f"BatchNorm layer {layer} of backbone {base.config.backbone!r} sees 1x1 feature maps at input {size}, "
+            "and BatchNorm cannot train on one value per channel"
+        )
+        if batch == 1:
+            raise ValueError(f"per_device_train_batch_size=1: {why}; {fix}.")
+        # Several processes: accelerate completes every process's last batch (even_batches), so only
+        # a single process can end an epoch on a batch of one.
+        if self.args.world_size > 1 or self.args.dataloader_drop_last or rows % batch != 1:
+            return None
+        if rows == 1:
+            raise ValueError(f"The training set has 1 row: {why}; train on more rows or {fix}.")
+        self.args.dataloader_drop_last = True
+        note = (
+            f"{rows} training rows in batches of {batch} would end each epoch on a batch of one image, which "
+            f"{layer} (BatchNorm) cannot train on: that last image is left out of each epoch (dataloader_drop_last)"
+        )
+        logger.warning(note)
+        return note
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train`` after :meth:`check_can_train`."""
+        self.check_can_train()
+        return super().train(*args, **kwargs)
 
     @staticmethod
     def _use_feature_caches(base: Any, args: MultiTaskTrainingArguments, kwargs: dict[str, Any]) -> None:
@@ -412,6 +509,71 @@ class _BalancerCallback(TrainerCallback):
 
     def on_epoch_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._end_balancer_epoch()
+
+
+class _AugmentationEpochCallback(TrainerCallback):
+    """Tells a seeded training transform (``prepare_dataset(..., seed=)``) which epoch is starting.
+
+    The Trainer's ``state.epoch`` is the fraction of epochs done: at an epoch's start it is a whole
+    number, or the checkpoint's fraction in the epoch a resumed run continues.
+    """
+
+    def __init__(self, transform: Any):
+        self.transform = transform
+
+    def on_epoch_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        self.transform.set_epoch(math.floor((state.epoch or 0.0) + 1e-6))
+
+
+def _seeded_transform(dataset: Any) -> Any:
+    """The seeded ``prepare_dataset`` transform of ``dataset``, or None."""
+    format_ = getattr(dataset, "format", None)
+    transform = (format_ or {}).get("format_kwargs", {}).get("transform") if isinstance(format_, dict) else None
+    return transform if getattr(transform, "seed", None) is not None and hasattr(transform, "set_epoch") else None
+
+
+def batch_norm_min_values(model: torch.nn.Module) -> tuple[int, str] | None:
+    """``(values, layer)``: the fewest values per channel and image that a BatchNorm layer of the backbone
+    normalises at the model's input size (``H x W`` of its input), and that layer's name; None without
+    BatchNorm. A batch of ``b`` images trains that layer only if ``b * values > 1``.
+
+    Found with one forward of a blank image in eval mode (no statistics or random state change).
+
+    Example:
+        >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+        >>> m = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")], image_size=32)
+        >>> batch_norm_min_values(m)
+        (1, 'backbone.layer4.0.bn1')
+    """
+    base = base_model(model)
+    layers = [(name, m) for name, m in base.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    parameter = next(base.parameters(), None)
+    if not layers or parameter is None or parameter.device.type == "meta":
+        return None
+    seen: dict[str, int] = {}
+
+    def record(name: str) -> Any:
+        def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            seen.setdefault(name, math.prod(inputs[0].shape[2:]))
+
+        return hook
+
+    hooks = [module.register_forward_pre_hook(record(name)) for name, module in layers]
+    modes = {module: module.training for module in base.modules()}
+    base.eval()
+    try:
+        with torch.no_grad():
+            shape = base.config.data_config["input_size"]
+            base.forward_features(torch.zeros(1, *shape, device=parameter.device, dtype=parameter.dtype))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, mode in modes.items():
+            module.training = mode
+    if not seen:
+        return None
+    name, values = min(seen.items(), key=lambda item: item[1])  # the first such layer in forward order
+    return values, name
 
 
 def _check_transfer_args(args: MultiTaskTrainingArguments) -> None:

@@ -13,7 +13,9 @@ Writes into ``output_dir``: the model (``config.json`` + ``model.safetensors``, 
 ``transformers.AutoModel`` after ``import hf_tlmtl``), ``preprocessor_config.json``,
 ``training_summary.json`` (arguments, data, transfer plan, per-task metrics, baselines),
 ``training_curves.png``, ``trainer_state.json``, the model card ``README.md`` and
-``checkpoint-*`` folders for ``--resume_from_checkpoint true``.
+``checkpoint-*`` folders for ``--resume_from_checkpoint true``. ``--overwrite_output_dir true`` sets a
+previous run aside (``output_dir/.previous-run``) until this run's first checkpoint or final model,
+and puts it back if this run fails first (``hf_tlmtl.run_folder``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import json
 import math
 import os
 import re
-import shutil
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402
 
 import hf_tlmtl  # noqa: E402,F401  (registers the Auto classes)
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel  # noqa: E402
+from hf_tlmtl.checkpoints import check_model_folder, checkpoint_mismatch  # noqa: E402
 from hf_tlmtl.cli import (  # noqa: E402
     YAML_SUFFIXES,
     UsageError,
@@ -50,6 +53,7 @@ from hf_tlmtl.cli import (  # noqa: E402
 from hf_tlmtl.cli import build_parser as build_dataclass_parser  # noqa: E402
 from hf_tlmtl.curves import plot_training_curves  # noqa: E402
 from hf_tlmtl.data import MultiTaskCollator, build_transforms, prepare_dataset  # noqa: E402
+from hf_tlmtl.run_folder import SET_ASIDE_DIR, DropSetAsideOnSave, drop_set_aside, restore, set_aside  # noqa: E402
 from hf_tlmtl.sources import load_image_dataset, resolve_tasks  # noqa: E402
 from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments  # noqa: E402
 from hf_tlmtl.transfer import is_peft_model, recommend_strategy, summarize_trainable  # noqa: E402
@@ -57,7 +61,7 @@ from hf_tlmtl.transfer import is_peft_model, recommend_strategy, summarize_train
 SUMMARY_FILE = "training_summary.json"
 CURVES_FILE = "training_curves.png"
 CARD_FILE = "README.md"
-# Files a run of this recipe writes at the top of output_dir (replaced by --overwrite_output_dir).
+# Files a run of this recipe writes at the top of output_dir (set aside, then replaced, by --overwrite_output_dir).
 RUN_FILES = (
     SUMMARY_FILE, CURVES_FILE, CARD_FILE, "config.json", "model.safetensors", "preprocessor_config.json",
     "trainer_state.json", "training_args.bin", "train_results.json", "eval_results.json", "all_results.json",
@@ -117,8 +121,9 @@ class DataArguments:
     validation_fraction: float = field(default=0.2, metadata={"help": "Held-out fraction when the data has no validation split."})
     augment: bool = field(
         default=True,
-        metadata={"help": "timm's training augmentation (random resized crop, flip, colour jitter). Turn it off when "
-                  "labels are geometric (size, position, rotation) or for bit-exact resumes."},
+        metadata={"help": "timm's training augmentation (random resized crop, flip, colour jitter), seeded per image "
+                  "from --seed, the epoch and the row (resumes stay exact). Turn it off when labels are geometric "
+                  "(size, position, rotation)."},
     )
     verify_images: bool = field(default=True, metadata={"help": "Open every local image once before training."})
 
@@ -128,7 +133,10 @@ class RunArguments:
     """How this run treats its output folder."""
 
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Replace a previous run in output_dir (its checkpoints and result files)."}
+        default=False,
+        metadata={"help": "Replace a previous run in output_dir (its checkpoints and result files): it is set aside in "
+                  "output_dir/.previous-run until the new run's first checkpoint or final model, and put back if the "
+                  "new run fails before that."},
     )
     model_card: bool = field(default=True, metadata={"help": "Write the model card (README.md) into output_dir."})
 
@@ -216,16 +224,24 @@ def check_output_dir(training_args: MultiTaskTrainingArguments, run_args: RunArg
         )
 
 
-def clear_previous_run(output_dir: Path) -> None:
-    """--overwrite_output_dir: remove what an earlier run wrote (checkpoints, result files), nothing else."""
-    for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        if path.is_dir():
-            shutil.rmtree(path)
-    for name in RUN_DIRS:
-        if (output_dir / name).is_dir():
-            shutil.rmtree(output_dir / name)
-    for name in RUN_FILES:
-        (output_dir / name).unlink(missing_ok=True)
+def is_run_entry(path: Path) -> bool:
+    """What a run of this recipe writes at the top of output_dir (checkpoints, result files); not the user's files."""
+    if path.is_dir():
+        return path.name in RUN_DIRS or path.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
+    return path.name in RUN_FILES
+
+
+def restore_interrupted_overwrite(training_args: MultiTaskTrainingArguments) -> list[str]:
+    """A run killed while it was replacing a previous one (before its first checkpoint) left that
+    previous run in output_dir/.previous-run: put it back before anything looks at the folder."""
+    out = Path(training_args.output_dir)
+    restored: list[str] = []
+    with training_args.main_process_first(desc="restoring an interrupted overwrite"):
+        if training_args.process_index == 0 and (out / SET_ASIDE_DIR).is_dir():
+            restored = restore(out, is_run_entry)
+            print(f"restored the previous run in {out} ({len(restored)} entries) that an interrupted "
+                  "--overwrite_output_dir run had set aside", flush=True)
+    return restored
 
 
 # ------------------------------------------------------------------------------------- model
@@ -251,6 +267,7 @@ def build_model(model_args: ModelArguments, tasks: list[TaskSpec]) -> TimmMultiT
                 f"--init_from {model_args.init_from!r} not found; produce it first (e.g. run recipes/configs/default.yaml) "
                 "or pass a Hub id org/name"
             )
+        check_model_folder(source, "--init_from")
         model = TimmMultiTaskModel.from_pretrained(model_args.init_from, tasks=tasks)
         if model_args.image_size and not _fixed_input_size(model.config.backbone):
             model.config.data_config["input_size"] = [model.config.in_chans, model_args.image_size, model_args.image_size]
@@ -322,6 +339,7 @@ class Run:
     recommendation: Any
     baselines: dict[str, dict[str, float]]
     push_repo: str | None = None
+    batch_note: str | None = None
 
 
 def check_push_to_hub(training_args: MultiTaskTrainingArguments) -> str | None:
@@ -346,6 +364,7 @@ def check_push_to_hub(training_args: MultiTaskTrainingArguments) -> str | None:
 def setup(argv: list[str]) -> Run:
     """Everything that can fail on bad input, in the order users fix it; nothing is written yet."""
     model_args, data_args, run_args, training_args = parse_arguments(argv)
+    restore_interrupted_overwrite(training_args)
     resume = resolve_resume(training_args)
     check_output_dir(training_args, run_args, resume)
     set_seed(training_args.seed)
@@ -363,7 +382,9 @@ def setup(argv: list[str]) -> Run:
         raw, tasks = resolve_tasks(raw, data_args.tasks, data_args.image_column)
     model = build_model(model_args, tasks)
     train_transform = None if data_args.augment else build_transforms(model.config, train=False)
-    train_ds = prepare_dataset(raw["train"], model.config, train=True, image_column=data_args.image_column, transform=train_transform)
+    # Augmentation seeded per row (run seed, epoch, row): a resumed run draws the crops an uninterrupted one does.
+    train_ds = prepare_dataset(raw["train"], model.config, train=True, image_column=data_args.image_column,
+                               transform=train_transform, seed=training_args.seed if data_args.augment else None)
     eval_ds = prepare_dataset(raw["validation"], model.config, train=False, image_column=data_args.image_column)
     collator = MultiTaskCollator(model.tasks)
     collator([train_ds[i] for i in range(min(2, len(train_ds)))])  # a first batch, so data errors surface now
@@ -385,13 +406,23 @@ def setup(argv: list[str]) -> Run:
         trainer = MultiTaskTrainer(
             model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator
         )
+        # Optimizer and scheduler settings, BatchNorm on batches of one: what would fail in train().
+        batch_note = trainer.check_can_train()
+        if resume is not None:
+            mismatch = checkpoint_mismatch(trainer.model, resume)
+            if mismatch:
+                raise UsageError(
+                    f"--resume_from_checkpoint: {resume} does not fit this run's model: {mismatch}. Pass the arguments "
+                    "of the run that wrote it (--backbone, --tasks, --transfer_strategy ...) to continue it, or start "
+                    "a new run with --overwrite_output_dir true or another --output_dir"
+                )
     except ValueError:
         # The Trainer creates output_dir before some of its checks: bad input leaves nothing behind.
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
     return Run(model_args, data_args, run_args, training_args, raw, model, trainer, resume, recommendation, baselines,
-               push_repo)
+               push_repo, batch_note)
 
 
 def describe_plan(run: Run) -> str:
@@ -433,6 +464,8 @@ def describe_plan(run: Run) -> str:
         f"{args.per_device_train_batch_size}), lr {args.learning_rate:g}, loss balancing {args.loss_balancing}, "
         f"device {args.device}"
     )
+    if run.batch_note:
+        lines.append(f"           note: {run.batch_note}")
     if run.resume:
         lines.append(f"resume   : from {run.resume}")
     lines.append(f"output   : {Path(args.output_dir).resolve()}")
@@ -457,19 +490,38 @@ def per_task_metrics(metrics: dict[str, float], tasks: list[TaskSpec]) -> dict[s
     return grouped
 
 
+def _raise_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through train_and_save's restore of a set-aside run
+
+
 def train_and_save(run: Run) -> dict[str, Any]:
     trainer, args = run.trainer, run.training_args
     out = Path(args.output_dir)
     main = args.process_index == 0
+    set_aside_run = False
     if run.run_args.overwrite_output_dir and run.resume is None:
-        with args.main_process_first(desc="clearing the previous run"):
+        # The previous run is moved aside, not deleted: it is given up at the new run's first checkpoint
+        # or final model, and moved back if the new run fails before that.
+        with args.main_process_first(desc="setting the previous run aside"):
             if main and out.is_dir():
-                clear_previous_run(out)
+                set_aside_run = bool(set_aside(out, is_run_entry))
+        if set_aside_run:
+            trainer.add_callback(DropSetAsideOnSave(out))
+            signal.signal(signal.SIGTERM, _raise_on_sigterm)
     if main:
         print(describe_plan(run), flush=True)
-    train_result = trainer.train(resume_from_checkpoint=run.resume)
-    metrics = trainer.evaluate()
-    final_model = save_final_model(trainer, out)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=run.resume)
+        metrics = trainer.evaluate()
+        final_model = save_final_model(trainer, out)
+    except BaseException:
+        if set_aside_run and (out / SET_ASIDE_DIR).is_dir():
+            restore(out, is_run_entry)
+            print(f"the run failed before its first checkpoint; the previous run in {out} is back as it was",
+                  file=sys.stderr, flush=True)
+        raise
+    if set_aside_run:
+        drop_set_aside(out)
     trainer.save_state()
     summary = {
         "tasks": [t.to_dict() for t in run.model.tasks],
@@ -535,7 +587,9 @@ def save_final_model(trainer: MultiTaskTrainer, out: Path) -> TimmMultiTaskModel
         return model
     if trainer.args.should_save:
         model.save_pretrained(out / "adapter")
-    merged = model.merge_and_unload()
+    from hf_tlmtl.adapters import merge_adapter  # peft's merge_and_unload alone fails on loha / lokr / ia3 heads
+
+    merged = merge_adapter(model)
     if trainer.args.should_save:
         merged.save_pretrained(out)
     return merged

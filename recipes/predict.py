@@ -11,7 +11,9 @@ come from the ``multitask-image-classification`` pipeline (the model's own prepr
 classification ``<task>`` (top label) and ``<task>_score``; multilabel ``<task>`` (labels with
 probability >= ``--threshold``, joined by ``|``) and ``<task>_<label>`` probabilities; regression
 ``<task>`` (or ``<task>_<output>`` for several outputs). ``.json`` / ``.jsonl``: the same per
-image as nested records, classification with the probability of every class. An existing output
+image as nested records, classification with the probability of every class (or of the
+``--top_k`` most probable). Images go through the pipeline in batches of its default size
+(``hf_tlmtl.pipeline.DEFAULT_BATCH_SIZE``) unless ``--batch_size`` says otherwise. An existing output
 file is only replaced with ``--overwrite true``. Bad input exits with code 2 and one ``error:`` line.
 """
 
@@ -31,7 +33,8 @@ from PIL import Image
 from transformers import HfArgumentParser
 
 import hf_tlmtl  # noqa: F401  (registers AutoModel and the pipeline)
-from hf_tlmtl.pipeline import PIPELINE_TASK
+from hf_tlmtl.checkpoints import check_model_folder
+from hf_tlmtl.pipeline import DEFAULT_BATCH_SIZE, PIPELINE_TASK
 from hf_tlmtl.sources import TABLE_FORMATS, embedded_dataset_names, load_image_dataset, load_table
 from hf_tlmtl.tasks import TaskSpec
 
@@ -45,8 +48,15 @@ class PredictArguments:
     output: str = field(default="predictions.csv", metadata={"help": "Where to write: .csv, .json or .jsonl."})
     image_column: str = field(default="image", metadata={"help": "Tables and datasets: the column with images / paths."})
     split: str = field(default="validation", metadata={"help": "Embedded / Hub datasets: the split to predict."})
-    batch_size: int = field(default=32, metadata={"help": "Images per forward pass."})
-    threshold: float = field(default=0.5, metadata={"help": "Multilabel: a label is predicted at probability >= this."})
+    batch_size: int | None = field(
+        default=None, metadata={"help": f"Images per forward pass (default: the pipeline's, {DEFAULT_BATCH_SIZE})."}
+    )
+    threshold: float = field(
+        default=0.5, metadata={"help": "Multilabel: a label is predicted at probability >= this (strictly between 0 and 1)."}
+    )
+    top_k: int | None = field(
+        default=None, metadata={"help": "Classification, JSON output: scores of the k most probable classes (default: all)."}
+    )
     limit: int | None = field(default=None, metadata={"help": "Predict at most this many images."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: cuda when available)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing output file."})
@@ -103,8 +113,8 @@ def _images(dataset: datasets.Dataset, column: str) -> Iterator[Image.Image]:
 
 
 # ------------------------------------------------------------------------------------ outputs
-def record(result: dict[str, Any], tasks: list[TaskSpec], threshold: float) -> dict[str, Any]:
-    """One image's pipeline output (every class scored) -> a nested record per task."""
+def record(result: dict[str, Any], tasks: list[TaskSpec], threshold: float, top_k: int | None = None) -> dict[str, Any]:
+    """One image's pipeline output (every class scored, most probable first) -> a nested record per task."""
     out: dict[str, Any] = {}
     for task in tasks:
         value = result[task.name]
@@ -112,7 +122,7 @@ def record(result: dict[str, Any], tasks: list[TaskSpec], threshold: float) -> d
             values = value["value"]
             out[task.name] = values[0] if len(values) == 1 else dict(zip(task.id2label.values(), values))
         elif task.type == "classification":
-            scores = {item["label"]: item["score"] for item in value}
+            scores = {item["label"]: item["score"] for item in value[:top_k]}
             out[task.name] = {"label": value[0]["label"], "score": value[0]["score"], "scores": scores}
         else:
             scores = {item["label"]: item["score"] for item in value}
@@ -145,13 +155,18 @@ def predict(args: PredictArguments) -> list[dict[str, Any]]:
         raise UsageError(f"--output {args.output!r} must end in {', '.join(OUTPUT_FORMATS)}")
     if output.exists() and not args.overwrite:
         raise UsageError(f"--output {args.output!r} exists; pass --overwrite true to replace it")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if not 0.0 < args.threshold < 1.0:
+        raise UsageError(f"--threshold is a probability strictly between 0 and 1, got {args.threshold:g}; e.g. 0.5")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top_k must be >= 1 (classes kept per classification task), got {args.top_k}")
     model_path = Path(args.model)
     if model_path.exists() and not (model_path / "config.json").is_file():
         raise UsageError(f"--model {args.model!r} has no config.json; pass a folder written by recipes/finetune.py")
     if not model_path.exists() and args.model.count("/") != 1:
         raise UsageError(f"--model {args.model!r} not found")
+    check_model_folder(model_path, "--model")
     names, images = iter_inputs(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = transformers.pipeline(PIPELINE_TASK, model=args.model, device=device)
@@ -159,8 +174,9 @@ def predict(args: PredictArguments) -> list[dict[str, Any]]:
     widest = max([t.num_outputs for t in tasks if t.type == "classification"] + [1])
     records = []
     # threshold=0: every multilabel label comes back scored; ours is applied in record().
-    for name, result in zip(names, pipe(images, batch_size=args.batch_size, top_k=widest, threshold=0.0)):
-        records.append({"image": name, **record(result, tasks, args.threshold)})
+    batching = {"batch_size": args.batch_size} if args.batch_size is not None else {}  # else the pipeline's default
+    for name, result in zip(names, pipe(images, top_k=widest, threshold=0.0, **batching)):
+        records.append({"image": name, **record(result, tasks, args.threshold, args.top_k)})
     write(records, tasks, output)
     return records
 

@@ -125,7 +125,8 @@ def test_card_usage_snippets_run(saved, tmp_path, monkeypatch):
         exec(compile(block, "card-snippet", "exec"), namespace)  # noqa: S102 - our own template
     assert namespace["shape"] in TASKS[0].labels
     assert len(namespace["attrs_probabilities"]) == 2
-    assert set(namespace["predictions"]) == {"shape", "scale", "attrs"}
+    assert len(namespace["predictions"]) == 1  # a list of images: one dict each, batched by the pipeline
+    assert set(namespace["predictions"][0]) == {"shape", "scale", "attrs"}
 
 
 def test_card_accepts_trainer_metrics(model):

@@ -140,3 +140,24 @@ def test_bad_call_arguments(saved):
         pipe(images[0], tasks=["colour"])
     with pytest.raises(ValueError, match="colour"):
         pipeline(PIPELINE_TASK, model=str(folder), device="cpu", tasks=["colour"])
+
+
+def test_lists_are_batched_by_default(saved):
+    """No batch_size given: DEFAULT_BATCH_SIZE images per forward (transformers' default is 1), same answers."""
+    from hf_tlmtl.pipeline import DEFAULT_BATCH_SIZE
+
+    folder, images, paths = saved
+    pipe = pipeline(PIPELINE_TASK, model=str(folder), device="cpu")
+    assert DEFAULT_BATCH_SIZE > 1 and pipe._batch_size == DEFAULT_BATCH_SIZE
+    assert pipeline(PIPELINE_TASK, model=str(folder), device="cpu", batch_size=1)._batch_size == 1
+    sizes = []
+    hook = pipe.model.register_forward_pre_hook(lambda module, args, kwargs: sizes.append(len(kwargs["pixel_values"])),
+                                                with_kwargs=True)
+    try:
+        batched = pipe([str(p) for p in paths] * 2)
+    finally:
+        hook.remove()
+    assert sizes == [len(paths) * 2]  # one forward pass for the whole list
+    manual = _manual(folder, images * 2)
+    for index, result in enumerate(batched):
+        _assert_matches(result, _expected(manual, index, top_k=5, threshold=0.5))

@@ -4,13 +4,21 @@ Compared with one process at the same global batch (2 x 4 = 1 x 8), same seed an
 The backbone is frozen (``feature_extraction``: BatchNorm too), so the data-parallel run computes
 the same mean gradient as the single process and its eval metrics agree to float rounding
 (tolerance 1e-4 absolute). With a BatchNorm backbone that trains, each process normalises its own
-4 images instead of 8: close, not equal, which is why this comparison freezes it.
+4 images instead of 8: close, not equal, which is why this comparison freezes it. Augmentation is
+on: it is seeded per row (run seed, epoch, row), so both processes crop every row as the single
+process does.
+
+A second 2-process run is killed (SIGKILL, launcher and workers) after its first checkpoint and
+resumed: it ends with exactly the weights of the uninterrupted 2-process run.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import time
 
 import pytest
 import torch
@@ -21,26 +29,55 @@ from recipe_utils import ACCELERATE, FINETUNE, TINY, check_ok, recipe_env, run_f
 COMMON = [
     *TINY,
     "--dataset", "shapes", "--n_train", "64", "--n_eval", "16", "--tasks", "shape,scale,marks",
-    "--augment", "false", "--transfer_strategy", "feature_extraction", "--learning_rate", "0.02",
+    "--augment", "true", "--transfer_strategy", "feature_extraction", "--learning_rate", "0.02",
     "--num_train_epochs", "2", "--per_device_eval_batch_size", "4",
 ]
+# 16 steps; checkpoints at 4, 8, 12 and 16 (the killed run is stopped after checkpoint-4).
+TWO_PROCESSES = [*COMMON, "--per_device_train_batch_size", "4", "--save_strategy", "steps", "--save_steps", "4"]
 TOLERANCE = 1e-4
+
+
+def _launch(args, output_dir):
+    return [
+        str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        str(FINETUNE), *map(str, args), "--output_dir", str(output_dir),
+    ]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distributed")
     two = tmp / "two_processes"
-    launch = [
-        str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        str(FINETUNE), *map(str, COMMON), "--per_device_train_batch_size", "4", "--output_dir", str(two),
-    ]
-    distributed = subprocess.run(launch, cwd=tmp, env=recipe_env(tmp), capture_output=True, text=True, timeout=300)
+    distributed = subprocess.run(_launch(TWO_PROCESSES, two), cwd=tmp, env=recipe_env(tmp), capture_output=True,
+                                 text=True, timeout=300)
     check_ok(distributed)
     one = tmp / "one_process"
     check_ok(run_finetune([*COMMON, "--per_device_train_batch_size", "8", "--output_dir", one], tmp))
     return two, one, distributed
+
+
+@pytest.fixture(scope="module")
+def resumed(runs, tmp_path_factory):
+    """TWO_PROCESSES again, killed after checkpoint-4, then resumed with --resume_from_checkpoint true."""
+    tmp = tmp_path_factory.mktemp("distributed_resume")
+    killed = tmp / "killed"
+    proc = subprocess.Popen(_launch(TWO_PROCESSES, killed), cwd=tmp, env=recipe_env(tmp), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        while not (killed / "checkpoint-4" / "trainer_state.json").is_file():
+            assert proc.poll() is None, "the 2-process run ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.02)
+        finished_early = (killed / "model.safetensors").exists()
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+    finally:
+        proc.wait()
+    assert not finished_early
+    launch = _launch([*TWO_PROCESSES, "--resume_from_checkpoint", "true"], killed)
+    check_ok(subprocess.run(launch, cwd=tmp, env=recipe_env(tmp), capture_output=True, text=True, timeout=300))
+    return killed
 
 
 def test_two_processes_trained_data_parallel(runs):
@@ -57,7 +94,7 @@ def test_only_the_main_process_wrote(runs):
     assert proc.stdout.count("== hf_tlmtl finetune ==") == 1
     assert proc.stdout.count("== Results on the validation split") == 1
     assert "global batch 8 (2 process(es) x 4)" in proc.stdout
-    names = sorted(p.name for p in two.iterdir())
+    names = sorted(p.name for p in two.iterdir() if not p.name.startswith("checkpoint-"))
     assert names == sorted(
         ["README.md", "config.json", "model.safetensors", "preprocessor_config.json", "trainer_state.json",
          "training_args.bin", "training_curves.png", "training_summary.json"]
@@ -81,3 +118,16 @@ def test_saved_model_loads_and_matches_one_process_run(runs):
     assert len(compared) >= 8
     for key in compared:
         assert eval_two[key] == pytest.approx(eval_one[key], abs=TOLERANCE), key
+
+
+
+def test_two_process_resume_with_augmentation_is_exact(runs, resumed):
+    two, _, _ = runs
+    info = summary(resumed)
+    assert info["world_size"] == 2 and "checkpoint-" in info["resumed_from"]
+    expected, got = load_file(two / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert expected.keys() == got.keys()
+    different = [key for key in expected if not torch.equal(got[key], expected[key])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    first = load_file(resumed / "checkpoint-4" / "model.safetensors")
+    assert any(not torch.equal(first[k], got[k]) for k in first)  # training went on after the checkpoint
