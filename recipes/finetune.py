@@ -92,11 +92,6 @@ class ModelArguments:
                   "LogME, see hf_tlmtl.transferability) | similar | different | a number in [0, 1]. "
                   "Prints hf_tlmtl.transfer.recommend_strategy's advice in the transfer plan."},
     )
-    narrow_source: bool = field(
-        default=False,
-        metadata={"help": "The source model was trained on a narrow task (few classes, little data): the advice for "
-                  "small & similar data becomes truncate instead of feature extraction."},
-    )
 
 
 @dataclass
@@ -391,7 +386,7 @@ def setup(argv: list[str]) -> Run:
     recommendation = None
     if model_args.task_similarity is not None:
         recommendation = recommend_strategy(
-            len(raw["train"]), _similarity(model_args.task_similarity), model=model, narrow_source=model_args.narrow_source,
+            len(raw["train"]), _similarity(model_args.task_similarity), model=model,
             dataset=raw["train"], tasks=model.tasks, image_column=data_args.image_column,
         )
     baselines = baseline_metrics(raw["train"], raw["validation"], model.tasks)

@@ -298,13 +298,3 @@ def test_push_to_hub_uploads_the_output_folder_once(recipe, tmp_path, monkeypatc
     assert not any(f.startswith("checkpoint-") for f in files)
     assert "Pushed to the Hub: https://huggingface.co/acme/shapes-demo" in capsys.readouterr().out
     assert summary(out)["push_to_hub"] == "acme/shapes-demo"
-
-
-def test_narrow_source_turns_the_small_similar_advice_into_truncate(recipe, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    base = [*map(str, TINY), "--dataset", "digits", "--n_train", "40", "--n_eval", "20", "--task_similarity", "similar"]
-    broad = recipe.setup([*base, "--output_dir", str(tmp_path / "a")])
-    narrow = recipe.setup([*base, "--narrow_source", "true", "--output_dir", str(tmp_path / "b")])
-    assert (broad.recommendation.case, broad.recommendation.strategy) == (1, "feature_extraction")
-    assert (narrow.recommendation.case, narrow.recommendation.strategy) == (1, "truncate")
-    assert "narrow source" in recipe.describe_plan(narrow)

@@ -14,6 +14,7 @@ from torch import nn
 import hf_tlmtl  # noqa: F401 - registers the Auto classes
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
 from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
+from hf_tlmtl.transferability import SimilarityMeasurement, similarity_from_gain
 from hf_tlmtl.transfer import (
     LARGE_DIFFERENT_LAYER_DECAY,
     SIMILARITY_THRESHOLD,
@@ -314,14 +315,24 @@ def test_recommend_strategy_boundaries_and_overrides():
     assert recommend_strategy(50_000, "similar", top_groups=3).trainable_groups == 3
 
 
-def test_narrow_source_changes_only_case_1_to_truncate():
+def _measurement(gain: float, top_stage_hurts: bool) -> SimilarityMeasurement:
+    source = -0.2
+    return SimilarityMeasurement(
+        similarity=similarity_from_gain(gain), gain=gain, source_score=source, random_score=source - gain,
+        truncated_score=source + (0.1 if top_stage_hurts else -0.1), method="logme",
+    )
+
+
+def test_measured_top_stage_evidence_makes_every_case_truncate():
     model = make_model("cnn")
-    rec = recommend_strategy(100, "similar", narrow_source=True, model=model)
-    assert (rec.case, rec.strategy, rec.layer_decay) == (1, "truncate", 0.75)
-    assert rec.truncate_stage == len(model.backbone.feature_info) - 2
-    assert "narrow source" in rec.reason
-    for samples, similarity in ((100, "different"), (50_000, "similar"), (50_000, "different")):
-        assert recommend_strategy(samples, similarity, narrow_source=True) == recommend_strategy(samples, similarity)
+    for samples, gain, case in ((100, 1.0, 1), (100, -1.0, 2), (50_000, 1.0, 3), (50_000, -1.0, 4)):
+        rec = recommend_strategy(samples, _measurement(gain, top_stage_hurts=True), model=model)
+        assert (rec.case, rec.strategy, rec.layer_decay) == (case, "truncate", 0.75)
+        assert rec.truncate_stage == len(model.backbone.feature_info) - 2 and "top stage too specific" in rec.reason
+        # Without that evidence the classic table decides, on the measured similarity.
+        table = recommend_strategy(samples, _measurement(gain, top_stage_hurts=False), model=model)
+        assert (table.case, table.strategy) == (case, {1: "feature_extraction", 2: "truncate", 3: "partial", 4: "fine_tune"}[case])
+        assert "from measured logme" in table.reason
 
 
 def test_recommendation_applies_to_a_model():
@@ -344,9 +355,9 @@ def test_recommendation_applies_to_a_model():
         (10.5, "similar", "must be an int"),
         (100, 1.5, r"must be in \[0, 1\]"),
         (100, -0.1, r"must be in \[0, 1\]"),
-        (100, float("nan"), "'similar', 'different' or a number"),
-        (100, "same", "'similar', 'different' or a number"),
-        (100, True, "'similar', 'different' or a number"),
+        (100, float("nan"), "'similar', 'different', 'measured' or a number"),
+        (100, "same", "'similar', 'different', 'measured' or a number"),
+        (100, True, "'similar', 'different', 'measured' or a number"),
     ],
 )
 def test_recommend_strategy_bad_input(samples, similarity, message):
