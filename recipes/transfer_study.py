@@ -836,6 +836,9 @@ def markdown_report(results: dict[str, Any]) -> str:
               "Across backbones for one target (the sources and random init of each architecture; n = backbones):", ""]
     rows = [[t["method"], t["target"], t["size"], str(t["n"]), _tau(t["tau"])] for t in tau["per_target"]]
     lines += _table(["score", "target", "size", "n", "tau"], ["---", "---", "---", "---:", "---:"], rows)
+    means = {m: [t["tau"] for t in tau["per_target"] if t["method"] == m and t["tau"] is not None] for m in SCORE_METHODS}
+    lines += ["", "Mean over the targets and sizes: " + "; ".join(
+        f"{m} {_tau(statistics.fmean(v)) if v else 'n/a'} ({len(v)} of them)" for m, v in means.items()) + "."]
     lines += ["", "Across every (backbone, target) pair of a size (scores of different targets mixed):", ""]
     rows = [[t["method"], t["size"], str(t["n"]), _tau(t["tau"])] for t in tau["all_pairs"]]
     rows += [["LogME gain over random init vs accuracy gain over scratch", t["size"], str(t["n"]), _tau(t["tau"])] for t in tau["gain"]]
