@@ -504,7 +504,7 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
         self, pixel_values: torch.Tensor, output_hidden_states: bool | Sequence[int] = False
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Pooled features and, when asked, the per-stage features (timm's ``forward_intermediates``)."""
-        pixel_values = self._check_pixels(pixel_values)
+        pixel_values = self._grad_for_reentrant(self._check_pixels(pixel_values))
         reentrant = self._checkpoint_use_reentrant if getattr(self.backbone, "grad_checkpointing", False) else None
         with _timm_reentrant_checkpointing(reentrant):
             if not output_hidden_states:
@@ -534,16 +534,16 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
             raise ValueError(f"Labels given for unknown task(s) {unknown}; this model's tasks are {self.task_names}.")
         return {name: target for name, target in targets.items() if target is not None}
 
-    def _heads_input(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Pooled features as the checkpointed heads need them.
+    def _grad_for_reentrant(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs`` as reentrant checkpointing needs them.
 
-        Reentrant checkpointing (``use_reentrant=True``) gives the heads no gradient when its input needs
-        none (a frozen backbone): then the heads read a leaf copy that asks for one.
+        With ``use_reentrant=True`` a checkpointed segment whose input needs no gradient (images, frozen
+        layers below it, cached features) gives its parameters none either. As transformers'
+        ``enable_input_require_grads`` does for embeddings, such an input becomes a leaf that asks for one.
         """
-        checkpointing = any(head.gradient_checkpointing for head in self.heads.values())
-        if checkpointing and self.training and torch.is_grad_enabled() and not pooled.requires_grad:
-            return pooled.detach().requires_grad_(True)
-        return pooled
+        if self._checkpoint_use_reentrant and self.training and torch.is_grad_enabled() and not inputs.requires_grad:
+            return inputs.detach().requires_grad_(True)
+        return inputs
 
     def forward(
         self,
@@ -596,9 +596,8 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
         elif output_hidden_states:
             raise ValueError("features= are already pooled, so there are no stage features: pass pixel_values for hidden states.")
         else:
-            features = features.to(device=self.device, dtype=self.dtype)
-        heads_input = self._heads_input(features)
-        logits = {name: head(heads_input) for name, head in self.heads.items()}
+            features = self._grad_for_reentrant(features.to(device=self.device, dtype=self.dtype))
+        logits = {name: head(features) for name, head in self.heads.items()}
         task_losses = {name: self._task_by_name[name].compute_loss(logits[name], target) for name, target in targets.items()}
         loss = None
         if task_losses:

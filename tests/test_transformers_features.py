@@ -152,6 +152,14 @@ def test_torch_compile_traces_the_whole_forward():
     torch._dynamo.reset()
 
 
+def test_torch_compile_trains():
+    model = bare_model().train()
+    compiled = torch.compile(model, backend="aot_eager")  # graph breaks at the label checks, not failures
+    compiled(pixels(), **labels()).loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------------- gradient checkpointing
 def _grads(model: TimmMultiTaskModel) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
@@ -180,20 +188,44 @@ def test_gradient_checkpointing_the_transformers_way(backbone, kwargs, use_reent
     assert not model.is_activation_checkpointing and not model.backbone.grad_checkpointing
 
 
-def test_reentrant_checkpointing_still_trains_heads_on_a_frozen_backbone():
+@pytest.mark.parametrize("strategy", ["feature_extraction", "partial"])
+def test_reentrant_checkpointing_trains_whatever_is_trainable_above_frozen_layers(strategy):
     from hf_tlmtl.transfer import apply_transfer_strategy
 
     model = bare_model()
-    apply_transfer_strategy(model, "feature_extraction")
+    apply_transfer_strategy(model, strategy, **({"trainable_groups": 1} if strategy == "partial" else {}))
     model.train().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     model(pixels(), **labels()).loss.backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.grad is not None for p in trainable.values()), [n for n, p in trainable.items() if p.grad is None]
+    model.zero_grad()
+    model(features=model.forward_features(pixels()).detach(), **labels()).loss.backward()  # cached features
     assert all(p.grad is not None for p in model.heads.parameters())
 
 
-def test_gradient_checkpointing_from_the_config_and_the_trainer_flag():
+def test_gradient_checkpointing_from_the_config():
     config = TimmMultiTaskConfig(backbone="test_resnet", tasks=TASKS)
-    config.gradient_checkpointing = True  # what older configs and some recipes set
+    config.gradient_checkpointing = True  # what older configs set
     assert TimmMultiTaskModel(config).is_activation_checkpointing
+
+
+def test_trainer_gradient_checkpointing_flag(tmp_path):
+    from fake_data import random_task_dataset
+
+    from hf_tlmtl.data import MultiTaskCollator
+
+    tasks = [TaskSpec(name="c", type="classification", num_labels=3), TaskSpec(name="y", type="regression")]
+    model = TimmMultiTaskModel(TimmMultiTaskConfig(backbone="test_resnet", tasks=tasks))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to="none", save_strategy="no",
+        use_cpu=True, disable_tqdm=True, label_names=["c", "y"], remove_unused_columns=False,
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True},
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=random_task_dataset(8),
+                                   data_collator=MultiTaskCollator(tasks))
+    trainer.train()
+    assert model.is_activation_checkpointing and model.backbone.grad_checkpointing
+    assert model._checkpoint_use_reentrant is True
 
 
 # ----------------------------------------------------------------- initialisation, bare configs
