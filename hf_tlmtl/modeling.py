@@ -481,7 +481,16 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
 
     @property
     def num_stages(self) -> int:
-        """How many per-stage features ``output_hidden_states=True`` returns (``feature_info`` entries kept)."""
+        """How many per-stage features ``output_hidden_states=True`` returns (``feature_info`` entries kept).
+
+        Example:
+            >>> from hf_tlmtl import TaskSpec, TimmMultiTaskConfig, TimmMultiTaskModel
+            >>> tasks = [TaskSpec(name="y", type="regression")]
+            >>> TimmMultiTaskModel(TimmMultiTaskConfig(backbone="test_resnet", tasks=tasks)).num_stages
+            5
+            >>> TimmMultiTaskModel(TimmMultiTaskConfig(backbone="test_resnet", tasks=tasks, truncate_stage=2)).num_stages
+            3
+        """
         if self.config.truncate_stage is not None:
             return self.config.truncate_stage + 1
         return len(self.backbone.feature_info)
