@@ -466,7 +466,7 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
 
     # -------------------------------------------------------------------------------- forward
     def _check_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``pixel_values`` on the backbone's device and in its dtype (fp32 images into a bf16 / fp16 model)."""
+        """Checked ``pixel_values`` on the model's device and in its dtype (fp32 images into a bf16 / fp16 model)."""
         expected = self.config.in_chans
         if pixel_values.dim() != 4 or pixel_values.shape[1] != expected:
             raise ValueError(
@@ -477,7 +477,12 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
                     else f"The backbone was built with in_chans={expected}."
                 )
             )
-        return pixel_values.to(device=self.device, dtype=self.dtype)
+        return self._as_model_input(pixel_values)
+
+    def _as_model_input(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs`` in the model's dtype, on its device (unless its weights are offloaded: accelerate's hooks move them)."""
+        device = self.device
+        return inputs.to(device=None if device.type == "meta" else device, dtype=self.dtype)
 
     @property
     def num_stages(self) -> int:
@@ -605,7 +610,7 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
         elif output_hidden_states:
             raise ValueError("features= are already pooled, so there are no stage features: pass pixel_values for hidden states.")
         else:
-            features = self._grad_for_reentrant(features.to(device=self.device, dtype=self.dtype))
+            features = self._grad_for_reentrant(self._as_model_input(features))
         logits = {name: head(features) for name, head in self.heads.items()}
         task_losses = {name: self._task_by_name[name].compute_loss(logits[name], target) for name, target in targets.items()}
         loss = None
