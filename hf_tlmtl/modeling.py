@@ -264,6 +264,8 @@ class TimmMultiTaskPreTrainedModel(PreTrainedModel):
     # Labels arrive as **kwargs by task name: they are not loss kwargs for the Trainer.
     accepts_loss_kwargs = False
     _no_split_modules: list[str] = []
+    # timm attention layers call F.scaled_dot_product_attention themselves (as transformers' TimmWrapper declares).
+    _supports_sdpa = True
     # A backbone saved while frozen (FrozenBatchNorm2d) has no BatchNorm step counters; they are rebuilt as 0.
     _keys_to_ignore_on_load_missing = [r"num_batches_tracked"]
 
@@ -334,6 +336,11 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
 
     def __init__(self, config: TimmMultiTaskConfig):
         super().__init__(config)
+        if config._attn_implementation == "eager":
+            logger.warning_once(
+                "attn_implementation='eager' does not reach the timm backbone: timm picks its own attention "
+                "(F.scaled_dot_product_attention where available), as in transformers' TimmWrapper."
+            )
         self.tasks: list[TaskSpec] = config.task_specs
         if not self.tasks:
             raise ValueError("TimmMultiTaskConfig has no tasks; pass tasks=[TaskSpec(...), ...].")

@@ -137,6 +137,12 @@ def test_disk_offloaded_model_runs(tmp_path):
     torch.testing.assert_close(loaded.eval()(pixels()).logits["shape"], model(pixels()).logits["shape"])
 
 
+def test_attn_implementation_sdpa_is_accepted(tmp_path):
+    bare_model("test_vit", **VIT).save_pretrained(tmp_path)
+    loaded = TimmMultiTaskModel.from_pretrained(tmp_path, attn_implementation="sdpa")
+    assert loaded.config._attn_implementation == "sdpa"  # timm's attention uses F.scaled_dot_product_attention
+
+
 def test_sharded_safetensors_round_trip(tmp_path):
     model = bare_model().eval()
     model.save_pretrained(tmp_path, max_shard_size="500KB")
