@@ -24,6 +24,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/feature_cache.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/adapters.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/pipeline_batching.py --threads 1
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/gradient_checkpointing.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from results_md import write_section  # benchmarks/ is on sys.path when run as a script
+from peak_memory import CHILD_ENV, reset_peak_rss, status_kib  # benchmarks/ is on sys.path when run as a script
+from results_md import write_section
 
 NUM_CLASSES = 10
 CONTENDERS = ("fine_tune", "feature_extraction", "lora_r4", "lora_r8")
@@ -35,23 +36,6 @@ HEADING = "## PEFT adapters vs full fine-tuning and feature extraction"
 
 
 # ----------------------------------------------------------------------------- child process
-def _status_kib(field: str) -> int:
-    """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``) in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only).")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (Linux >= 4.0); False when the kernel refuses."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def _build(name: str, backbone: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     from hf_tlmtl import TaskSpec, TimmMultiTaskModel
     from hf_tlmtl.transfer import apply_transfer_strategy
@@ -91,8 +75,8 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
         model(pixel_values=x, label=y).loss.backward()
         optimizer.step()
 
-    rss_before = _status_kib("VmRSS")
-    info["peak_reset"] = _reset_peak_rss()
+    rss_before = status_kib("VmRSS")
+    info["peak_reset"] = reset_peak_rss()
     for _ in range(args.warmup):
         step()
     times = []
@@ -104,7 +88,7 @@ def run_child(name: str, args: argparse.Namespace) -> dict[str, Any]:
         median_step_s=statistics.median(times),
         step_times_s=times,
         rss_before_train_mib=rss_before / 1024,
-        peak_rss_train_mib=_status_kib("VmHWM") / 1024,
+        peak_rss_train_mib=status_kib("VmHWM") / 1024,
     )
     return info
 
@@ -115,7 +99,7 @@ def run_contender(name: str, args: argparse.Namespace) -> dict[str, Any]:
         sys.executable, __file__, "--child", name, "--backbone", args.backbone, "--batch", str(args.batch),
         "--size", str(args.size), "--reps", str(args.reps), "--warmup", str(args.warmup), "--threads", str(args.threads),
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = {**os.environ, **CHILD_ENV}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"contender {name} failed:\n{done.stderr[-4000:]}")

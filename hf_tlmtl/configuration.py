@@ -9,6 +9,14 @@ from transformers import PreTrainedConfig
 from .tasks import TaskSpec, normalize_tasks
 
 
+HOW_TO_LOAD = (
+    "pip install hf_tlmtl; import hf_tlmtl  # before transformers.AutoModel / AutoConfig / pipeline: importing it "
+    "registers model_type 'timm_multitask' (no trust_remote_code). Without it transformers says it 'does not "
+    "recognize this architecture'."
+)
+"""Saved in every ``config.json`` (``how_to_load``): transformers' own error for an unknown model type cannot be changed."""
+
+
 def _jsonable(value: Any) -> Any:
     """Tuples become lists so a config equals itself after a JSON round trip."""
     if isinstance(value, (list, tuple)):
@@ -33,7 +41,10 @@ class TimmMultiTaskConfig(PreTrainedConfig):
         truncate_stage: Index into the backbone's ``feature_info`` of the last stage kept
             (``None``: the whole backbone). Set by the ``truncate`` transfer strategy.
         data_config: timm data config (``input_size``, ``mean``, ``std``, ``interpolation``,
-            ``crop_pct``, ``crop_mode``) resolved when the model is created.
+            ``crop_pct``, ``crop_mode``) resolved when the model is created (from the backbone when
+            the config has none).
+        how_to_load: Not a setting: the line ``config.json`` carries for someone who opens it after
+            transformers failed to load it (``pip install hf_tlmtl; import hf_tlmtl``).
 
     Example:
         >>> from hf_tlmtl import TaskSpec, TimmMultiTaskConfig
@@ -46,7 +57,7 @@ class TimmMultiTaskConfig(PreTrainedConfig):
 
     model_type = "timm_multitask"
     # The Trainer drops these output keys when it gathers predictions: only logits are evaluated.
-    keys_to_ignore_at_inference = ["task_losses", "pooled"]
+    keys_to_ignore_at_inference = ["task_losses", "pooled", "hidden_states"]
 
     backbone: str = "resnet18"
     backbone_source: str | None = None
@@ -57,8 +68,10 @@ class TimmMultiTaskConfig(PreTrainedConfig):
     truncate_stage: int | None = None
     data_config: dict[str, Any] | None = None
     initializer_range: float = 0.02
+    how_to_load: str = HOW_TO_LOAD
 
     def __post_init__(self, **kwargs: Any) -> None:
+        self.how_to_load = HOW_TO_LOAD  # always today's wording, whatever an older file said
         self.timm_kwargs = _jsonable(dict(self.timm_kwargs or {}))
         self.tasks = [t.to_dict() for t in normalize_tasks(self.tasks)] if self.tasks else []
         self.data_config = _jsonable(dict(self.data_config or {}))
@@ -78,6 +91,10 @@ class TimmMultiTaskConfig(PreTrainedConfig):
     def task_specs(self) -> list[TaskSpec]:
         """The tasks as :class:`~hf_tlmtl.TaskSpec` objects (validated)."""
         return normalize_tasks(self.tasks) if self.tasks else []
+
+    def set_data_config(self, data_config: dict[str, Any]) -> None:
+        """Replace timm's data config (stored JSON-ready: tuples become lists)."""
+        self.data_config = _jsonable(dict(data_config))
 
     def set_tasks(self, tasks: list[TaskSpec | dict[str, Any]]) -> None:
         """Replace the tasks (validated), e.g. to re-head a trained model for new tasks."""

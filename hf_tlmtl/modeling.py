@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import difflib
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import timm
 import torch
+from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
 from timm.models import parse_model_name
 from timm.models._hub import load_model_config_from_hf, load_model_config_from_path
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration import TimmMultiTaskConfig
@@ -27,17 +31,24 @@ logger = logging.get_logger(__name__)
 class MultiTaskOutput(ModelOutput):
     """Output of :class:`TimmMultiTaskModel`.
 
+    With ``return_dict=False`` (or ``config.return_dict=False``) the model returns the plain tuple of
+    the fields that are not ``None``, in this order.
+
     Attributes:
         loss: Weighted sum of the task losses (only when labels were given).
         logits: Raw head outputs by task name, each ``(batch, num_outputs)``.
         task_losses: Each task's own (unweighted) loss, for the tasks that got labels.
         pooled: The shared pooled backbone features, ``(batch, head_in_features)``.
+        hidden_states: Only with ``output_hidden_states``: the backbone's per-stage features, one
+            ``(batch, channels, height, width)`` map per ``backbone.feature_info`` entry (timm's
+            ``forward_intermediates``; ViTs give their tokens as a grid).
     """
 
     loss: torch.Tensor | None = None
     logits: dict[str, torch.Tensor] | None = None
     task_losses: dict[str, torch.Tensor] | None = None
     pooled: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 class HeadLinear(nn.Linear):
@@ -54,8 +65,13 @@ class HeadLinear(nn.Linear):
     """
 
 
-class TaskHead(nn.Module):
-    """Dropout + linear layer, or a 2-layer MLP when ``hidden_size`` is set."""
+class TaskHead(GradientCheckpointingLayer):
+    """Dropout + linear layer, or a 2-layer MLP when ``hidden_size`` is set.
+
+    A ``GradientCheckpointingLayer``: ``model.gradient_checkpointing_enable(...)`` checkpoints each head
+    with transformers' checkpoint function (and its ``use_reentrant``), while timm checkpoints the
+    backbone's own blocks.
+    """
 
     def __init__(self, in_features: int, num_outputs: int, hidden_size: int | None = None, dropout: float = 0.0):
         super().__init__()
@@ -185,6 +201,24 @@ def truncate_backbone(backbone: nn.Module, stage: int) -> None:
     backbone.reset_classifier(0, pool)
 
 
+def backbone_data_config(backbone: nn.Module, image_size: int | Sequence[int] | None = None) -> dict[str, Any]:
+    """timm's data config (input size, mean, std, interpolation, crop) of a built backbone.
+
+    ``image_size`` (an int or ``(height, width)``) replaces the input size, e.g. for a ViT built
+    with ``img_size=``.
+
+    Example:
+        >>> import timm
+        >>> backbone_data_config(timm.create_model("test_resnet"), image_size=32)["input_size"]
+        (3, 32, 32)
+    """
+    data_config = timm.data.resolve_model_data_config(backbone)
+    if image_size is not None:
+        size = tuple(image_size) if isinstance(image_size, (list, tuple)) else (image_size, image_size)
+        data_config["input_size"] = (data_config["input_size"][0], *size)
+    return data_config
+
+
 def _drop_load_report(record: Any) -> bool:
     """Logging filter: False for transformers' state-dict load report, True for everything else."""
     return "LOAD REPORT" not in str(record.msg)
@@ -215,10 +249,39 @@ def _reinit_heads(model: "TimmMultiTaskModel", names: list[str]) -> None:
                 nn.init.zeros_(module.bias)
 
 
+def _supports_grad_checkpointing(backbone: nn.Module) -> bool:
+    """Whether timm can checkpoint this backbone (some families have the method but raise), as TimmWrapper checks."""
+    if not hasattr(backbone, "set_grad_checkpointing"):
+        return False
+    enabled = bool(getattr(backbone, "grad_checkpointing", False))
+    try:
+        backbone.set_grad_checkpointing(True)
+        backbone.set_grad_checkpointing(enabled)
+    except Exception:  # noqa: BLE001 - any failure means "not supported"
+        return False
+    return True
+
+
+@contextmanager
+def _timm_reentrant_checkpointing(use_reentrant: bool | None) -> Iterator[None]:
+    """Run timm's own checkpoint calls with ``use_reentrant`` (timm reads a process-wide flag); ``None``: timm's default."""
+    if use_reentrant is None:
+        yield
+        return
+    previous = use_reentrant_ckpt()
+    set_reentrant_ckpt(bool(use_reentrant))
+    try:
+        yield
+    finally:
+        set_reentrant_ckpt(previous)
+
+
 class TimmMultiTaskPreTrainedModel(PreTrainedModel):
     config_class = TimmMultiTaskConfig
     config: TimmMultiTaskConfig
-    base_model_prefix = "backbone"
+    # The model is its own base model (there is no inner PreTrainedModel): the prefix is the model type and
+    # names no attribute, so ``model.base_model is model`` and ``model.base_model.save_pretrained`` works.
+    base_model_prefix = "timm_multitask"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     model_tags = ["timm", "hf_tlmtl", "multi-task"]
@@ -226,27 +289,54 @@ class TimmMultiTaskPreTrainedModel(PreTrainedModel):
     # Labels arrive as **kwargs by task name: they are not loss kwargs for the Trainer.
     accepts_loss_kwargs = False
     _no_split_modules: list[str] = []
+    # timm attention layers call F.scaled_dot_product_attention themselves (as transformers' TimmWrapper declares).
+    _supports_sdpa = True
     # A backbone saved while frozen (FrozenBatchNorm2d) has no BatchNorm step counters; they are rebuilt as 0.
     _keys_to_ignore_on_load_missing = [r"num_batches_tracked"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """Initialise only what this package owns (the heads); timm initialised the backbone itself."""
+        """Initialise the heads; leave the backbone to timm, except after a meta-device build.
+
+        A fresh model: timm initialised its backbone (zero-init of last BatchNorm gammas included), so
+        only the heads are touched. Built on the meta device (``from_pretrained``, or ``init_weights``
+        after ``to_empty``), BatchNorm tensors the checkpoint lacks get transformers' defaults
+        (running mean 0, variance 1, counters 0, weight 1, bias 0) instead of uninitialised memory;
+        loaded tensors are flagged by transformers and left alone.
+        """
         if isinstance(module, HeadLinear):
             init.trunc_normal_(module.weight, std=self.config.initializer_range)
             init.zeros_(module.bias)
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.num_batches_tracked is not None:
-            # After a meta-device load this is reached only for modules the checkpoint did not fully cover
-            # (a backbone saved frozen has no counters), which would otherwise hold uninitialised memory.
-            module.num_batches_tracked.zero_()
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if getattr(self, "_built_on_meta", False):
+                super()._init_weights(module)
         elif hasattr(module, "init_non_persistent_buffers"):
             # Relative-position index buffers are not saved; rebuild them after a meta-device load.
             module.init_non_persistent_buffers()
 
-    def _set_gradient_checkpointing(self, enable: bool = True, *args: Any, **kwargs: Any) -> None:
-        if not hasattr(self.backbone, "set_grad_checkpointing"):
-            raise ValueError(f"timm model {self.config.backbone!r} does not support gradient checkpointing.")
-        self.backbone.set_grad_checkpointing(enable)
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint, every_n_layers: int = 1
+    ) -> None:
+        """transformers' switch (the heads are ``GradientCheckpointingLayer``), plus timm's for the backbone.
+
+        timm checkpoints its blocks with its own calls; ``use_reentrant`` from
+        ``gradient_checkpointing_kwargs`` is applied to them during this model's forward.
+        """
+        if enable and not _supports_grad_checkpointing(self.backbone):
+            raise ValueError(
+                f"timm backbone {self.config.backbone!r} ({type(self.backbone).__name__}) does not support gradient "
+                "checkpointing (timm's set_grad_checkpointing): train without it, or pick a family that has it "
+                "(ResNet, ConvNeXt, ViT, EfficientNet, Swin, ...)."
+            )
+        super()._set_gradient_checkpointing(
+            enable=enable, gradient_checkpointing_func=gradient_checkpointing_func, every_n_layers=every_n_layers
+        )
+        if hasattr(self.backbone, "set_grad_checkpointing"):
+            self.backbone.set_grad_checkpointing(enable)
+        keywords = getattr(gradient_checkpointing_func, "keywords", {}) if enable else {}
+        self._checkpoint_use_reentrant = keywords.get("use_reentrant")
+        if enable and every_n_layers != 1:
+            logger.warning("every_n_layers=%d applies to the task heads; timm checkpoints every backbone block.", every_n_layers)
 
 
 class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
@@ -271,11 +361,21 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
 
     def __init__(self, config: TimmMultiTaskConfig):
         super().__init__(config)
+        if config._attn_implementation == "eager":
+            logger.warning_once(
+                "attn_implementation='eager' does not reach the timm backbone: timm picks its own attention "
+                "(F.scaled_dot_product_attention where available), as in transformers' TimmWrapper."
+            )
         self.tasks: list[TaskSpec] = config.task_specs
         if not self.tasks:
             raise ValueError("TimmMultiTaskConfig has no tasks; pass tasks=[TaskSpec(...), ...].")
         self._task_by_name = {t.name: t for t in self.tasks}
         self.backbone = create_backbone(config.backbone, pretrained=False, **config.timm_kwargs)
+        # Built on the meta device (from_pretrained, or to_empty + init_weights): _init_weights then fills in BatchNorm.
+        self._built_on_meta = any(p.is_meta for p in self.backbone.parameters())
+        self._checkpoint_use_reentrant: bool | None = None
+        if not config.data_config:  # a bare config: preprocessing follows timm's own data config for the backbone
+            config.set_data_config(backbone_data_config(self.backbone, config.timm_kwargs.get("img_size")))
         if config.truncate_stage is not None:
             truncate_backbone(self.backbone, config.truncate_stage)
         self.heads = nn.ModuleDict(
@@ -317,11 +417,7 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
         source, _ = parse_model_name(backbone)
         load_weights = pretrained or source == "local-dir"
         source_model = create_backbone(backbone if load_weights and source else architecture, pretrained=load_weights, **(timm_kwargs if source else create_kwargs))
-        data_config = timm.data.resolve_model_data_config(source_model)
-        if image_size is not None or "img_size" in create_kwargs:
-            size = image_size or create_kwargs["img_size"]
-            size = size if isinstance(size, (list, tuple)) else (size, size)
-            data_config["input_size"] = (data_config["input_size"][0], *size)
+        data_config = backbone_data_config(source_model, image_size or create_kwargs.get("img_size"))
         config = TimmMultiTaskConfig(
             backbone=architecture,
             backbone_source=backbone if (load_weights or source) else None,
@@ -417,8 +513,8 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
             raise ValueError(f"Unknown task {name!r}; this model's tasks are {self.task_names}.") from None
 
     # -------------------------------------------------------------------------------- forward
-    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features ``(batch, head_in_features)`` for a batch of images."""
+    def _check_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Checked ``pixel_values`` on the model's device and in its dtype (fp32 images into a bf16 / fp16 model)."""
         expected = self.config.in_chans
         if pixel_values.dim() != 4 or pixel_values.shape[1] != expected:
             raise ValueError(
@@ -429,40 +525,149 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
                     else f"The backbone was built with in_chans={expected}."
                 )
             )
-        return self.backbone.forward_head(self.backbone.forward_features(pixel_values), pre_logits=True)
+        return self._as_model_input(pixel_values)
+
+    def _as_model_input(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs`` in the model's dtype, on its device (unless its weights are offloaded: accelerate's hooks move them)."""
+        device = self.device
+        return inputs.to(device=None if device.type == "meta" else device, dtype=self.dtype)
+
+    @property
+    def num_stages(self) -> int:
+        """How many per-stage features ``output_hidden_states=True`` returns (``feature_info`` entries kept).
+
+        Example:
+            >>> from hf_tlmtl import TaskSpec, TimmMultiTaskConfig, TimmMultiTaskModel
+            >>> tasks = [TaskSpec(name="y", type="regression")]
+            >>> TimmMultiTaskModel(TimmMultiTaskConfig(backbone="test_resnet", tasks=tasks)).num_stages
+            5
+            >>> TimmMultiTaskModel(TimmMultiTaskConfig(backbone="test_resnet", tasks=tasks, truncate_stage=2)).num_stages
+            3
+        """
+        if self.config.truncate_stage is not None:
+            return self.config.truncate_stage + 1
+        return len(self.backbone.feature_info)
+
+    def _stage_indices(self, selection: bool | Sequence[int]) -> list[int]:
+        """Stage indices for timm's ``forward_intermediates``: all kept stages, or the selected ones (negative: from the end)."""
+        n = self.num_stages
+        if isinstance(selection, bool):
+            return list(range(n))
+        indices = [int(i) + n if int(i) < 0 else int(i) for i in selection]
+        bad = [i for i, j in zip(selection, indices) if not 0 <= j < n]
+        if bad:
+            raise ValueError(
+                f"output_hidden_states={list(selection)}: indices {bad} are out of range; the backbone has {n} "
+                f"stages (0..{n - 1}, or -{n}..-1 from the end)."
+            )
+        return indices
+
+    def _backbone(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool | Sequence[int] = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Pooled features and, when asked, the per-stage features (timm's ``forward_intermediates``)."""
+        pixel_values = self._grad_for_reentrant(self._check_pixels(pixel_values))
+        reentrant = self._checkpoint_use_reentrant if getattr(self.backbone, "grad_checkpointing", False) else None
+        with _timm_reentrant_checkpointing(reentrant):
+            if not output_hidden_states:
+                return self.backbone.forward_head(self.backbone.forward_features(pixel_values), pre_logits=True), None
+            if not hasattr(self.backbone, "forward_intermediates"):
+                raise ValueError(
+                    f"{type(self.backbone).__name__} has no forward_intermediates, so it cannot return hidden states; "
+                    "upgrade timm (pip install -U timm) or call the model without output_hidden_states."
+                )
+            last, stages = self.backbone.forward_intermediates(pixel_values, indices=self._stage_indices(output_hidden_states))
+        return self.backbone.forward_head(last, pre_logits=True), tuple(stages)
+
+    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features ``(batch, head_in_features)`` for a batch of images."""
+        return self._backbone(pixel_values)[0]
+
+    def _collect_labels(self, labels: Mapping[str, Any] | None, task_labels: dict[str, Any]) -> dict[str, Any]:
+        """Targets by task name, from ``labels={...}`` and/or task-name keywords; unknown names refused."""
+        if labels is not None and not isinstance(labels, Mapping):
+            raise ValueError(
+                f"labels must map task names to targets (labels={{'{self.task_names[0]}': y, ...}}), got "
+                f"{type(labels).__name__}; or pass each task's target as a keyword ({self.task_names[0]}=y)."
+            )
+        targets = {**(labels or {}), **task_labels}
+        unknown = sorted(set(targets) - set(self._task_by_name))
+        if unknown:
+            raise ValueError(f"Labels given for unknown task(s) {unknown}; this model's tasks are {self.task_names}.")
+        return {name: target for name, target in targets.items() if target is not None}
+
+    def _grad_for_reentrant(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs`` as reentrant checkpointing needs them.
+
+        With ``use_reentrant=True`` a checkpointed segment whose input needs no gradient (images, frozen
+        layers below it, cached features) gives its parameters none either. As transformers'
+        ``enable_input_require_grads`` does for embeddings, such an input becomes a leaf that asks for one.
+        """
+        if self._checkpoint_use_reentrant and self.training and torch.is_grad_enabled() and not inputs.requires_grad:
+            return inputs.detach().requires_grad_(True)
+        return inputs
 
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         features: torch.Tensor | None = None,
+        labels: Mapping[str, Any] | None = None,
+        output_hidden_states: bool | Sequence[int] | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        **labels: Any,
-    ) -> MultiTaskOutput:
+        **task_labels: Any,
+    ) -> MultiTaskOutput | tuple[Any, ...]:
         """Run the backbone (or take precomputed pooled ``features``) and every head.
 
         Args:
             pixel_values: ``(batch, channels, height, width)`` images, normalised like
-                ``build_transforms(config, train=False)`` does.
+                ``build_transforms(config, train=False)`` does; cast to the model's device and dtype.
             features: Pooled backbone features instead of images (feature-extraction cache).
-            **labels: Optional targets by task name; a task without labels gets no loss.
+            labels: Optional targets by task name (``{"shape": y, ...}``), the same as keywords.
+            output_hidden_states: ``True`` for the backbone's per-stage features
+                (``out.hidden_states``), or a list of stage indices (``[-2, -1]``); default
+                ``config.output_hidden_states``.
+            output_attentions: timm backbones return no attention weights: must be falsy.
+            return_dict: ``False`` returns the tuple of the non-``None`` fields of
+                :class:`MultiTaskOutput`, in order; default ``config.return_dict``.
+            **task_labels: Optional targets by task name; a task without labels gets no loss.
+
+        Example:
+            >>> import torch
+            >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+            >>> model = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
+            >>> out = model(torch.randn(2, 3, 32, 32), output_hidden_states=True)
+            >>> [tuple(h.shape[1:]) for h in out.hidden_states]  # stem + 4 stages
+            [(32, 16, 16), (32, 8, 8), (48, 4, 4), (192, 2, 2), (96, 1, 1)]
+            >>> loss, logits, task_losses, pooled = model(torch.randn(2, 3, 32, 32), y=torch.zeros(2), return_dict=False)
         """
-        unknown = sorted(set(labels) - set(self._task_by_name))
-        if unknown:
-            raise ValueError(f"Labels given for unknown task(s) {unknown}; this model's tasks are {self.task_names}.")
+        targets = self._collect_labels(labels, task_labels)
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if output_attentions:
+            raise ValueError(
+                "timm backbones do not return attention weights (as in transformers' TimmWrapper): call the model "
+                "with output_attentions=False and leave config.output_attentions False."
+            )
+        hidden_states = None
         if features is None:
             if pixel_values is None:
                 raise ValueError("Pass pixel_values (images) or features (pooled backbone features).")
-            features = self.forward_features(pixel_values)
+            features, hidden_states = self._backbone(pixel_values, output_hidden_states)
+        elif output_hidden_states:
+            raise ValueError("features= are already pooled, so there are no stage features: pass pixel_values for hidden states.")
+        else:
+            features = self._grad_for_reentrant(self._as_model_input(features))
         logits = {name: head(features) for name, head in self.heads.items()}
-        task_losses = {
-            name: self._task_by_name[name].compute_loss(logits[name], target)
-            for name, target in labels.items()
-            if target is not None
-        }
+        task_losses = {name: self._task_by_name[name].compute_loss(logits[name], target) for name, target in targets.items()}
         loss = None
         if task_losses:
             loss = sum(self._task_by_name[name].weight * value for name, value in task_losses.items())
-        return MultiTaskOutput(loss=loss, logits=logits, task_losses=task_losses or None, pooled=features)
+        output = MultiTaskOutput(
+            loss=loss, logits=logits, task_losses=task_losses or None, pooled=features, hidden_states=hidden_states
+        )
+        return output if return_dict else output.to_tuple()
 
     # ----------------------------------------------------------------------------------- save
     def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **kwargs: Any) -> None:

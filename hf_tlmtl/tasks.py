@@ -31,9 +31,9 @@ IGNORE_INDEX = -100
 """Classification target meaning "no label for this row" (the PyTorch / transformers convention)."""
 
 REGRESSION_LOSSES: tuple[str, ...] = ("mse", "huber", "smooth_l1", "l1")
-# Keyword arguments of ``TimmMultiTaskModel.forward`` that are not task labels.
+# Keyword arguments of ``TimmMultiTaskModel.forward`` that are not task labels (a test keeps the two in step).
 RESERVED_NAMES: frozenset[str] = frozenset(
-    {"pixel_values", "features", "labels", "return_dict", "output_hidden_states", "kwargs"}
+    {"pixel_values", "features", "labels", "output_hidden_states", "output_attentions", "return_dict", "kwargs"}
 )
 
 
@@ -84,8 +84,9 @@ class TaskSpec:
             )
         if self.name in RESERVED_NAMES:
             raise ValueError(
-                f"Task name {self.name!r} is reserved by TimmMultiTaskModel.forward; rename the task "
-                f"(reserved: {sorted(RESERVED_NAMES)})."
+                f"Task name {self.name!r} is a keyword argument of TimmMultiTaskModel.forward, so its labels could not "
+                f"be passed by name (reserved: {sorted(RESERVED_NAMES)}). Rename the task and keep reading the "
+                f"dataset column: TaskSpec(name='{self.name}_task', column='{self.name}', ...)."
             )
         if self.type not in TASK_TYPES:
             raise ValueError(f"Task {self.name!r}: unknown type {self.type!r}; use one of {list(TASK_TYPES)}.")

@@ -1,0 +1,1 @@
+"""Stand-in for a transformers test module that its 5.24.0 sdist does not ship."""
