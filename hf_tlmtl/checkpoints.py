@@ -86,7 +86,9 @@ def check_model_folder(folder: str | os.PathLike, what: str = "", allow_pickle: 
 
 
 def _is_backbone_weight(key: str) -> bool:
-    return key.startswith("backbone.") and not key.endswith("num_batches_tracked")
+    """Backbone tensors a checkpoint must hold. BatchNorm statistics may be absent: they start at transformers'
+    defaults (mean 0, variance 1), as a checkpoint saved frozen lacks its step counters."""
+    return key.startswith("backbone.") and not key.endswith(("num_batches_tracked", "running_mean", "running_var"))
 
 
 def backbone_load_error(source: Any, model: Any, loading_info: dict[str, Any]) -> str | None:

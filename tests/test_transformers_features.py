@@ -300,3 +300,14 @@ def test_config_json_and_the_error_without_import_say_what_to_do(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode != 0  # transformers' own message, quoted in README and the model card
     assert "model type `timm_multitask` but Transformers does not recognize this architecture" in done.stderr
+
+
+def test_missing_backbone_weights_are_an_error_unless_the_loading_info_is_asked_for(tmp_path):
+    bare_model().save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("backbone.conv1")}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="backbone weights are missing"):
+        TimmMultiTaskModel.from_pretrained(tmp_path)
+    model, info = TimmMultiTaskModel.from_pretrained(tmp_path, output_loading_info=True)  # the caller inspects
+    assert {k for k in info["missing_keys"] if k.startswith("backbone.conv1")} and isinstance(model, TimmMultiTaskModel)
