@@ -295,7 +295,18 @@ def score_features(
 
 def check_labels(dataset: Dataset, tasks: Sequence[TaskSpec]) -> None:
     """Every task has enough labelled rows (and two labels) in ``dataset``: checked on the label columns alone,
-    before any backbone pass."""
+    before any backbone pass.
+
+    Example:
+        >>> from datasets import ClassLabel, Dataset, Features, Value
+        >>> from hf_tlmtl import TaskSpec
+        >>> ds = Dataset.from_dict({"image": ["a.png"] * 12, "kind": [0] * 12},
+        ...                        features=Features({"image": Value("string"), "kind": ClassLabel(names=["a", "b"])}))
+        >>> check_labels(ds, [TaskSpec(name="kind", type="classification", num_labels=2)])
+        Traceback (most recent call last):
+        ...
+        ValueError: Task 'kind' has 12 labelled rows, but every one has the same label: a transferability score needs at least two different labels.
+    """
     from .data import _encode_labels, _plan_label_columns
 
     for plan in _plan_label_columns(dataset, tasks, None):
@@ -428,7 +439,19 @@ def pooled_features(
     cache_dir: str | None = None,
     image_column: str = "image",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The frozen backbone's pooled features of every row (from the feature cache) and each task's labels."""
+    """The frozen backbone's pooled features of every row (from the feature cache) and each task's labels.
+
+    Example:
+        >>> import tempfile
+        >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+        >>> from hf_tlmtl.embedded import load_embedded_dataset
+        >>> ds = load_embedded_dataset("digits", n_train=20, n_eval=10, image_size=32)["train"]
+        >>> tasks = [TaskSpec(name="digit", type="classification", num_labels=10)]
+        >>> model = TimmMultiTaskModel.from_backbone("test_resnet", tasks, image_size=32)
+        >>> features, labels = pooled_features(model, ds, tasks, cache_dir=tempfile.mkdtemp())
+        >>> tuple(features.shape), tuple(labels["digit"].shape)
+        ((20, 96), (20,))
+    """
     cached = cache_features(
         _with_tasks(model, tasks), dataset, batch_size=batch_size, cache_dir=cache_dir, image_column=image_column
     )
