@@ -40,6 +40,9 @@ class TimmMultiTaskConfig(PreTrainedConfig):
         head_dropout: Dropout before each head's linear layer(s).
         truncate_stage: Index into the backbone's ``feature_info`` of the last stage kept
             (``None``: the whole backbone). Set by the ``truncate`` transfer strategy.
+        bn_policy: The BatchNorm policy it was trained with (``"train"``, ``"frozen"``, ``"recalibrate"``;
+            ``None``: not set by a transfer strategy). Set by :func:`~hf_tlmtl.transfer.apply_transfer_strategy`;
+            provenance for model cards (a reloaded model's BatchNorm layers are ordinary ones again).
         data_config: timm data config (``input_size``, ``mean``, ``std``, ``interpolation``,
             ``crop_pct``, ``crop_mode``) resolved when the model is created (from the backbone when
             the config has none).
@@ -66,6 +69,7 @@ class TimmMultiTaskConfig(PreTrainedConfig):
     head_hidden_size: int | None = None
     head_dropout: float = 0.0
     truncate_stage: int | None = None
+    bn_policy: str | None = None
     data_config: dict[str, Any] | None = None
     initializer_range: float = 0.02
     how_to_load: str = HOW_TO_LOAD

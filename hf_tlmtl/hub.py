@@ -97,6 +97,10 @@ _HYPERPARAMETERS = (
     "transfer_strategy",
     "trainable_groups",
     "truncate_stage",
+    "keep_depth",
+    "trainable_fraction",
+    "bn",
+    "keep_frozen",
     "layer_decay",
     "head_lr_scale",
     "gradual_unfreeze",
@@ -516,6 +520,7 @@ def create_model_card(
         "backbone": config.backbone,
         "timm_kwargs": ", ".join(f"{k}={v!r}" for k, v in sorted(config.timm_kwargs.items())) or None,
         "truncate_stage": config.truncate_stage,
+        "bn_policy": getattr(config, "bn_policy", None),
         "source_weights": _source_weights_description(config.backbone_source, base_model),
         "head_description": (
             f"2-layer MLP per task (hidden width {config.head_hidden_size})" if config.head_hidden_size else "one linear layer per task"

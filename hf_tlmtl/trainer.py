@@ -24,6 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from .batch_norm import check_bn_policy, freeze_batch_norm, recalibrate_batch_norm
 from .balancing import BALANCERS, build_balancer, load_balancer_state, save_balancer_state
 from .callbacks import GradualUnfreezeCallback
 from .metrics import build_compute_metrics
@@ -56,8 +57,31 @@ class MultiTaskTrainingArguments(TrainingArguments):
     trainable_groups: int | None = field(
         default=None, metadata={"help": "partial: number of top layer groups that train."}
     )
+    trainable_fraction: float | None = field(
+        default=None,
+        metadata={"help": "partial / truncate, instead of trainable_groups: share of the backbone's parameters that "
+                  "trains, resolved to whole top layer groups (the transfer summary says which)."},
+    )
     truncate_stage: int | None = field(
         default=None, metadata={"help": "truncate: feature_info index of the last backbone stage kept."}
+    )
+    keep_depth: float | None = field(
+        default=None,
+        metadata={"help": "truncate, instead of truncate_stage: share of the backbone's depth kept, resolved to the "
+                  "nearest cut timm can make (hf_tlmtl.transfer.truncation_points)."},
+    )
+    bn: str = field(
+        default="train",
+        metadata={"help": "BatchNorm policy: train | frozen (statistics and affine weights fixed, whatever else "
+                  "trains) | recalibrate (re-estimate running statistics on the training data before each "
+                  "evaluation and save). See hf_tlmtl.batch_norm."},
+    )
+    bn_recalibration_batches: int = field(
+        default=100, metadata={"help": "bn=recalibrate: at most this many training batches (eval batch size) per re-estimate."}
+    )
+    keep_frozen: bool = field(
+        default=False,
+        metadata={"help": "fine_tune / partial / truncate keep what was frozen before (instead of unfreezing it, with a warning)."},
     )
     layer_decay: float | None = field(
         default=None, metadata={"help": "Layer-wise LR decay in (0, 1]; lr of group i = lr * decay**(num_layers - i)."}
@@ -88,6 +112,9 @@ class MultiTaskTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        check_bn_policy(self.bn)
+        if self.bn_recalibration_batches < 1:
+            raise ValueError(f"bn_recalibration_batches must be >= 1, got {self.bn_recalibration_batches}.")
         if self.loss_balancing not in BALANCERS:
             raise ValueError(f"Unknown loss_balancing {self.loss_balancing!r}; valid methods: {sorted(BALANCERS)}.")
         if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
@@ -160,6 +187,7 @@ class MultiTaskTrainer(Trainer):
                     "per-row augmentation seed does not advance with the epoch (each epoch repeats the first one's crops)."
                 )
         self._checked_can_train: str | None | bool = False
+        self._bn_recalibrated_at: int | None = None
 
     # ------------------------------------------------------------------ checks before training
     def check_can_train(self) -> str | None:
@@ -247,6 +275,50 @@ class MultiTaskTrainer(Trainer):
         """``Trainer.train`` after :meth:`check_can_train`."""
         self.check_can_train()
         return super().train(*args, **kwargs)
+
+    # ------------------------------------------------------------------ BatchNorm recalibration
+    def recalibrate_batch_norm(self) -> int:
+        """``bn='recalibrate'``: re-estimate the backbone's BatchNorm statistics on the training data.
+
+        One pass, in order, over at most ``bn_recalibration_batches`` batches of
+        ``per_device_eval_batch_size`` training rows, with the training transform
+        (:func:`hf_tlmtl.batch_norm.recalibrate_batch_norm`). Every process reads the same rows, so the
+        statistics agree across processes; the random state is restored afterwards, so training (and
+        an exact resume) draws what it would have drawn. Runs before :meth:`evaluate` and
+        :meth:`save_model` (checkpoints included), once per training step. Returns the images seen.
+        """
+        if self.args.bn != "recalibrate" or self.train_dataset is None:
+            return 0
+        step = self.state.global_step
+        if self._bn_recalibrated_at == step:
+            return 0
+        from itertools import islice
+
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset,
+            batch_size=self.args.per_device_eval_batch_size,
+            shuffle=False,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+        )
+        devices = [self.args.device] if self.args.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            seen = recalibrate_batch_norm(
+                self.model, islice(loader, self.args.bn_recalibration_batches), autocast=self.autocast_smart_context_manager
+            )
+        self._bn_recalibrated_at = step
+        logger.info("bn='recalibrate': BatchNorm statistics re-estimated on %d training images (step %d).", seen, step)
+        return seen
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """``Trainer.evaluate``, after :meth:`recalibrate_batch_norm` with ``bn='recalibrate'``."""
+        self.recalibrate_batch_norm()
+        return super().evaluate(*args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model``, after :meth:`recalibrate_batch_norm` with ``bn='recalibrate'``."""
+        self.recalibrate_batch_norm()
+        super().save_model(output_dir, _internal_call)
 
     @staticmethod
     def _use_feature_caches(base: Any, args: MultiTaskTrainingArguments, kwargs: dict[str, Any]) -> None:
@@ -589,10 +661,30 @@ def _check_transfer_args(args: MultiTaskTrainingArguments) -> None:
                 f"trainable_groups is used by transfer_strategy 'partial' / 'truncate' or by gradual_unfreeze, "
                 f"not by {strategy!r}; drop it or change the strategy."
             )
-    if strategy == "partial" and args.trainable_groups is None:
-        raise ValueError("transfer_strategy='partial' needs trainable_groups (how many top layer groups train).")
+    if strategy == "partial" and args.trainable_groups is None and args.trainable_fraction is None:
+        raise ValueError(
+            "transfer_strategy='partial' needs trainable_groups (how many top layer groups train) or trainable_fraction "
+            "(the share of the backbone's parameters that trains)."
+        )
+    if args.trainable_fraction is not None:
+        if args.trainable_groups is not None:
+            raise ValueError("Pass trainable_groups or trainable_fraction, not both.")
+        if strategy not in ("partial", "truncate"):
+            raise ValueError(f"trainable_fraction is used by transfer_strategy 'partial' / 'truncate', not {strategy!r}.")
+        if not 0.0 < args.trainable_fraction <= 1.0:
+            raise ValueError(f"trainable_fraction must be in (0, 1], got {args.trainable_fraction}.")
     if args.truncate_stage is not None and strategy != "truncate":
         raise ValueError(f"truncate_stage is used by transfer_strategy='truncate' only, not {strategy!r}.")
+    if args.keep_depth is not None:
+        if strategy != "truncate" or args.truncate_stage is not None:
+            raise ValueError("keep_depth is used by transfer_strategy='truncate' only, instead of truncate_stage.")
+        if not 0.0 < args.keep_depth < 1.0:
+            raise ValueError(f"keep_depth must be in (0, 1) (share of the backbone's depth kept), got {args.keep_depth}.")
+    if args.bn == "recalibrate" and (strategy == "feature_extraction" or args.cache_features):
+        raise ValueError(
+            "bn='recalibrate' has nothing to re-estimate under feature_extraction (the frozen backbone keeps the "
+            "source's BatchNorm statistics); use bn='train' or a strategy that trains the backbone."
+        )
     if args.gradual_unfreeze and strategy in ("feature_extraction", "lora"):
         raise ValueError(
             f"gradual_unfreeze unfreezes backbone groups, which transfer_strategy={strategy!r} keeps frozen; use "
@@ -639,6 +731,9 @@ def _prepare_transfer(model: Any, args: MultiTaskTrainingArguments) -> tuple[Any
     """Applies ``args.transfer_strategy`` to ``model`` (a peft model with 'lora' is taken as it is)."""
     strategy = args.transfer_strategy
     if strategy is None:
+        if args.bn == "frozen":
+            freeze_batch_norm(model)
+            base_model(model).config.bn_policy = "frozen"
         return model, None
     if is_peft_model(model):
         if strategy != "lora":
@@ -649,13 +744,17 @@ def _prepare_transfer(model: Any, args: MultiTaskTrainingArguments) -> tuple[Any
         model = _select_adapter(model, args)
         return model, summarize_trainable(model, strategy)
     if strategy == "lora":
-        summary = apply_transfer_strategy(model, strategy, **_lora_kwargs(args))
+        summary = apply_transfer_strategy(model, strategy, bn=args.bn, **_lora_kwargs(args))
     else:
         summary = apply_transfer_strategy(
             model,
             strategy,
             trainable_groups=args.trainable_groups if strategy in ("partial", "truncate") else None,
             truncate_stage=args.truncate_stage,
+            trainable_fraction=args.trainable_fraction,
+            keep_depth=args.keep_depth,
+            bn=args.bn,
+            keep_frozen=args.keep_frozen,
         )
     return summary.model, summary
 

@@ -35,8 +35,12 @@ from timm.layers.norm_act import FrozenBatchNorm2d, FrozenBatchNormAct2d
 from timm.models._manipulate import group_with_matcher  # group_parameters for any named tensors
 from timm.utils.model import freeze, unfreeze
 from torch import nn
+from transformers.utils import logging
 
-from .modeling import TaskHead, truncate_backbone
+from .batch_norm import BN_POLICIES, check_bn_policy, freeze_batch_norm, frozen_batch_norm_layers
+from .modeling import TaskHead, create_backbone, truncate_backbone
+
+logger = logging.get_logger(__name__)
 
 STRATEGIES: tuple[str, ...] = ("feature_extraction", "fine_tune", "partial", "truncate", "lora")
 """Valid values of ``strategy`` / ``MultiTaskTrainingArguments.transfer_strategy``."""
@@ -116,6 +120,121 @@ def backbone_groups(model: nn.Module) -> list[LayerGroup]:
     return [LayerGroup(i, _group_name(group), list(group)) for i, group in enumerate(grouped.values())]
 
 
+def group_shares(model: nn.Module) -> list[float]:
+    """Each layer group's share of the backbone's parameters (frozen BatchNorm weights included), bottom first.
+
+    Example:
+        >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+        >>> m = TimmMultiTaskModel.from_backbone("test_vit", [TaskSpec(name="y", type="regression")])
+        >>> [round(s, 2) for s in group_shares(m)]
+        [0.18, 0.14, 0.14, 0.14, 0.14, 0.14, 0.14]
+    """
+    weights = _named_weights(base_model(model).backbone)
+    sizes = [sum(weights[n].numel() for n in g.names) for g in backbone_groups(model)]
+    total = max(sum(sizes), 1)
+    return [size / total for size in sizes]
+
+
+def resolve_trainable_fraction(model: nn.Module, trainable_fraction: float) -> int:
+    """How many top layer groups hold the share of the backbone's parameters closest to ``trainable_fraction``.
+
+    Layer groups (:func:`backbone_groups`) differ a lot in size between families: on EfficientNet the
+    top 2 of 8 groups hold 79 % of the parameters, on a small ViT 2 of 7 hold 28 %. A fraction of the
+    parameters is the family-independent unit; it is resolved to whole groups from the top, at least
+    one (ties go to fewer groups).
+
+    Example:
+        >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+        >>> m = TimmMultiTaskModel.from_backbone("test_vit", [TaskSpec(name="y", type="regression")])
+        >>> resolve_trainable_fraction(m, 0.25), resolve_trainable_fraction(m, 1.0)
+        (2, 7)
+    """
+    if isinstance(trainable_fraction, bool) or not isinstance(trainable_fraction, numbers.Real) or not 0.0 < trainable_fraction <= 1.0:
+        raise ValueError(f"trainable_fraction must be a number in (0, 1] (share of the backbone's parameters that trains), got {trainable_fraction!r}.")
+    shares = group_shares(model)
+    best, best_gap = 1, math.inf
+    for k in range(1, len(shares) + 1):
+        gap = abs(sum(shares[len(shares) - k:]) - trainable_fraction)
+        if gap < best_gap - 1e-12:
+            best, best_gap = k, gap
+    return best
+
+
+@dataclass
+class TruncationPoint:
+    """A place the backbone can be cut (``truncate_stage``), and how much of it the cut keeps.
+
+    ``kept_depth`` counts timm's fine layer groups (``group_matcher(coarse=False)``: blocks, for most
+    families) kept entirely; ``kept_params`` the share of the backbone's parameters kept.
+    """
+
+    stage: int
+    module: str
+    kept_depth: float
+    kept_params: float
+
+
+def truncation_points(model: nn.Module) -> list[TruncationPoint]:
+    """Every cut :func:`apply_transfer_strategy` ``"truncate"`` can make, bottom first.
+
+    The cuts are timm's ``feature_info`` taps (``prune_intermediate_layers``), so their spacing is the
+    family's: EfficientNet has taps after blocks 0, 1, 2, 4 and 6 only. Measured by pruning a copy of
+    the untruncated architecture on the meta device (no memory, no weights).
+
+    Example:
+        >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+        >>> m = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
+        >>> [(p.module, round(p.kept_depth, 2)) for p in truncation_points(m)]
+        [('act1', 0.2), ('layer1', 0.4), ('layer2', 0.6), ('layer3', 0.8)]
+    """
+    config = base_model(model).config
+    if config.truncate_stage is not None:
+        raise ValueError(f"The model is already truncated at stage {config.truncate_stage}; ask the untruncated source.")
+
+    def fresh() -> nn.Module:
+        with torch.device("meta"):
+            return create_backbone(config.backbone, pretrained=False, **config.timm_kwargs)
+
+    full = fresh()
+    if not hasattr(full, "prune_intermediate_layers") or not hasattr(full, "feature_info"):
+        return []
+    sizes = {n: p.numel() for n, p in full.named_parameters()}
+    fine = list(group_with_matcher(((n, n) for n in sizes), full.group_matcher(coarse=False)).values()) if hasattr(
+        full, "group_matcher"
+    ) else [list(sizes)]
+    points = []
+    for stage in range(len(full.feature_info) - 1):
+        cut = fresh()
+        truncate_backbone(cut, stage)
+        kept = {n for n, _ in cut.named_parameters()}
+        points.append(
+            TruncationPoint(
+                stage=stage,
+                module=full.feature_info[stage]["module"],
+                kept_depth=sum(all(n in kept for n in group) for group in fine) / len(fine),
+                kept_params=sum(sizes[n] for n in kept if n in sizes) / max(sum(sizes.values()), 1),
+            )
+        )
+    return points
+
+
+def resolve_keep_depth(model: nn.Module, keep_depth: float) -> int:
+    """The ``truncate_stage`` whose kept depth (:func:`truncation_points`) is closest to ``keep_depth`` (ties: deeper).
+
+    Example:
+        >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+        >>> m = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
+        >>> resolve_keep_depth(m, 0.5), resolve_keep_depth(m, 0.75)
+        (2, 3)
+    """
+    if isinstance(keep_depth, bool) or not isinstance(keep_depth, numbers.Real) or not 0.0 < keep_depth < 1.0:
+        raise ValueError(f"keep_depth must be a number in (0, 1) (share of the backbone's depth kept), got {keep_depth!r}.")
+    points = truncation_points(model)
+    if not points:
+        raise ValueError(f"Backbone {base_model(model).config.backbone!r} cannot be truncated (no prune_intermediate_layers).")
+    return min(points, key=lambda p: (abs(p.kept_depth - keep_depth), -p.stage)).stage
+
+
 def base_model(model: nn.Module) -> nn.Module:
     """The :class:`~hf_tlmtl.TimmMultiTaskModel` inside a peft / DDP wrapper."""
     seen = model
@@ -159,6 +278,10 @@ class TransferSummary:
     groups: list[GroupSummary]
     truncate_stage: int | None = None
     model: nn.Module | None = field(default=None, repr=False, compare=False)
+    bn: str | None = None
+    """The BatchNorm policy applied (``None``: left as it was)."""
+    notes: list[str] = field(default_factory=list)
+    """How fractions were resolved, what truncation dropped, what an earlier freeze became."""
 
     @property
     def trainable_fraction(self) -> float:
@@ -168,6 +291,8 @@ class TransferSummary:
         title = f"Transfer strategy: {self.strategy or 'as is'}"
         if self.truncate_stage is not None:
             title += f" (backbone truncated after feature_info[{self.truncate_stage}])"
+        if self.bn is not None:
+            title += f", BatchNorm {self.bn}"
         width = max([len(g.name) for g in self.groups] + [5])
         lines = [
             title,
@@ -177,6 +302,7 @@ class TransferSummary:
         for g in self.groups:
             mark = "train" if g.trainable == g.total and g.total else ("part" if g.trainable else "frozen")
             lines.append(f"  {g.name:<{width}}  {g.trainable:>12,}  {g.total:>12,}  {mark}")
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -246,14 +372,50 @@ def _check_trainable_groups(trainable_groups: int, groups: list[LayerGroup], mod
         )
 
 
-def _train_top_groups(model: nn.Module, trainable_groups: int | None) -> None:
+def _unfreeze(model: nn.Module, strategy: str, keep_frozen: bool, bn: str) -> list[str]:
+    """Everything trains (timm's ``unfreeze``), or with ``keep_frozen`` only what an earlier freeze left trainable.
+
+    Returns a note when an earlier freeze is undone or kept: never silently.
+    """
+    base = base_model(model)
+    frozen_params = [n for n, p in base.backbone.named_parameters() if not p.requires_grad]
+    frozen_bn = frozen_batch_norm_layers(base)
+    for head in base.heads.values():
+        head.requires_grad_(True)
+    if not (frozen_params or frozen_bn):
+        return []
+    what = f"{len(frozen_params)} frozen backbone parameter tensors and {len(frozen_bn)} frozen BatchNorm layers"
+    if keep_frozen:
+        return [f"keep_frozen: {what} from an earlier freeze stay frozen"]
+    unfreeze(base)
+    note = f"{strategy} unfroze {what} from an earlier freeze; pass keep_frozen=True to keep them"
+    if frozen_bn and bn != "frozen":
+        note += ", or bn='frozen' to keep BatchNorm frozen"
+    logger.warning(note)
+    return [note]
+
+
+def _train_top_groups(
+    model: nn.Module, trainable_groups: int | None, strategy: str, keep_frozen: bool, bn: str
+) -> list[str]:
     """Everything trains, then (with ``trainable_groups``) the bottom groups are frozen again."""
     groups = backbone_groups(model)
     if trainable_groups is not None:
         _check_trainable_groups(trainable_groups, groups, model)
-    unfreeze(base_model(model))
+    notes = _unfreeze(model, strategy, keep_frozen, bn)
     if trainable_groups is not None and trainable_groups < len(groups):
         freeze_groups(model, groups[: len(groups) - trainable_groups])
+    return notes
+
+
+def _fraction_note(model: nn.Module, trainable_fraction: float, trainable_groups: int) -> str:
+    groups, shares = backbone_groups(model), group_shares(model)
+    top = groups[len(groups) - trainable_groups:]
+    share = sum(shares[len(groups) - trainable_groups:])
+    return (
+        f"trainable_fraction={trainable_fraction:g} -> top {trainable_groups} of {len(groups)} layer groups "
+        f"({', '.join(g.name for g in top)}): {100 * share:.1f}% of the backbone's parameters"
+    )
 
 
 def _rebuild_heads(base: nn.Module) -> None:
@@ -265,23 +427,43 @@ def _rebuild_heads(base: nn.Module) -> None:
         base.heads[task.name] = head.to(device=reference.device, dtype=reference.dtype)
 
 
-def _truncate(model: nn.Module, truncate_stage: int | None) -> int:
+def _truncate(model: nn.Module, truncate_stage: int | None, keep_depth: float | None = None) -> list[str]:
+    """Cut the backbone (in place); returns notes on the cut and on what it dropped."""
     base = base_model(model)
     current = base.config.truncate_stage
     if current is not None:
-        if truncate_stage not in (None, current):
+        if truncate_stage not in (None, current) or keep_depth is not None:
+            asked = truncate_stage if keep_depth is None else f"keep_depth={keep_depth}"
             raise ValueError(
-                f"The model is already truncated at stage {current}; cannot cut again at {truncate_stage}. "
+                f"The model is already truncated at stage {current}; cannot cut again at {asked}. "
                 "Truncate the untruncated source model instead."
             )
-        return current
+        return []
     backbone = base.backbone
+    notes = []
+    if keep_depth is not None:
+        truncate_stage = resolve_keep_depth(base, keep_depth)
+        point = truncation_points(base)[truncate_stage]
+        notes.append(
+            f"keep_depth={keep_depth:g} -> truncate_stage={truncate_stage} (after {point.module}): "
+            f"{100 * point.kept_depth:.0f}% of the depth kept"
+        )
     if truncate_stage is None and hasattr(backbone, "feature_info"):
         truncate_stage = len(backbone.feature_info) - 2  # default cut: drop the top stage only
+    groups_before = backbone_groups(base)
+    weights_before = {n: t.numel() for n, t in _named_weights(backbone).items()}
     truncate_backbone(backbone, truncate_stage if truncate_stage is not None else -1)
     base.config.truncate_stage = int(truncate_stage)
     _rebuild_heads(base)
-    return base.config.truncate_stage
+    kept = set(_named_weights(backbone))
+    dropped = [g.name for g in groups_before if g.names and not any(n in kept for n in g.names)]
+    dropped_params = sum(size for n, size in weights_before.items() if n not in kept)
+    share = dropped_params / max(sum(weights_before.values()), 1)
+    notes.append(
+        f"truncation dropped {', '.join(dropped) or 'part of the top group'}: {dropped_params:,} parameters, "
+        f"{100 * share:.1f}% of the backbone"
+    )
+    return notes
 
 
 def _apply_lora(model: nn.Module, lora_kwargs: dict[str, Any]) -> nn.Module:
@@ -297,6 +479,11 @@ def apply_transfer_strategy(
     strategy: str,
     trainable_groups: int | None = None,
     truncate_stage: int | None = None,
+    *,
+    trainable_fraction: float | None = None,
+    keep_depth: float | None = None,
+    bn: str = "train",
+    keep_frozen: bool = False,
     **lora_kwargs: Any,
 ) -> TransferSummary:
     """Make ``model`` train according to a transfer strategy (in place); returns what trains.
@@ -304,10 +491,21 @@ def apply_transfer_strategy(
     Args:
         model: A :class:`~hf_tlmtl.TimmMultiTaskModel`.
         strategy: One of :data:`STRATEGIES`.
-        trainable_groups: ``partial`` (required) and ``truncate`` (optional): how many top layer
-            groups of the (remaining) backbone train; see :func:`backbone_groups`.
+        trainable_groups: ``partial`` (required, or ``trainable_fraction``) and ``truncate`` (optional):
+            how many top layer groups of the (remaining) backbone train; see :func:`backbone_groups`.
         truncate_stage: ``truncate``: index into the backbone's ``feature_info`` of the last stage
             kept; ``None`` drops only the top stage.
+        trainable_fraction: ``partial`` / ``truncate``, instead of ``trainable_groups``: the share of the
+            backbone's parameters that trains, resolved to whole top groups
+            (:func:`resolve_trainable_fraction`); the summary's ``notes`` say which.
+        keep_depth: ``truncate``, instead of ``truncate_stage``: the share of the backbone's depth kept,
+            resolved to the nearest cut (:func:`resolve_keep_depth`, :func:`truncation_points`).
+        bn: BatchNorm policy (:data:`~hf_tlmtl.batch_norm.BN_POLICIES`): ``"train"``, ``"frozen"`` (every
+            BatchNorm layer of the backbone frozen, statistics and affine weights, whatever else trains) or
+            ``"recalibrate"`` (trains; the Trainer re-estimates running statistics before evaluating and
+            saving). ``feature_extraction`` freezes BatchNorm with the backbone in any case.
+        keep_frozen: ``fine_tune`` / ``partial`` / ``truncate`` unfreeze the backbone first, undoing an earlier
+            freeze (a logged note says so); ``True`` keeps what was frozen before.
         **lora_kwargs: ``lora``: passed to ``hf_tlmtl.adapters.apply_lora`` (``r``, ``alpha``, ...).
 
     Returns:
@@ -319,24 +517,35 @@ def apply_transfer_strategy(
         >>> s = apply_transfer_strategy(model, "feature_extraction")
         >>> [g.name for g in s.groups if g.trainable]
         ['heads.y']
-        >>> s = apply_transfer_strategy(model, "truncate", truncate_stage=2)
-        >>> model.config.truncate_stage, model.head_in_features
-        (2, 48)
+        >>> s = apply_transfer_strategy(model, "truncate", truncate_stage=2, bn="frozen")
+        >>> model.config.truncate_stage, model.head_in_features, model.config.bn_policy
+        (2, 48, 'frozen')
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"Unknown transfer strategy {strategy!r}; valid strategies: {list(STRATEGIES)}.")
+    check_bn_policy(bn)
     if lora_kwargs and strategy != "lora":
         raise ValueError(f"Keyword arguments {sorted(lora_kwargs)} only apply to strategy='lora', not {strategy!r}.")
-    if trainable_groups is not None and strategy not in ("partial", "truncate"):
-        raise ValueError(f"trainable_groups applies to 'partial' and 'truncate', not {strategy!r}; leave it None.")
-    if truncate_stage is not None and strategy != "truncate":
-        raise ValueError(f"truncate_stage applies to strategy='truncate' only, not {strategy!r}; leave it None.")
+    if (trainable_groups is not None or trainable_fraction is not None) and strategy not in ("partial", "truncate"):
+        raise ValueError(f"trainable_groups / trainable_fraction apply to 'partial' and 'truncate', not {strategy!r}; leave them None.")
+    if trainable_groups is not None and trainable_fraction is not None:
+        raise ValueError("Pass trainable_groups or trainable_fraction, not both.")
+    if (truncate_stage is not None or keep_depth is not None) and strategy != "truncate":
+        raise ValueError(f"truncate_stage / keep_depth apply to strategy='truncate' only, not {strategy!r}; leave them None.")
+    if truncate_stage is not None and keep_depth is not None:
+        raise ValueError("Pass truncate_stage or keep_depth, not both.")
+    if strategy == "feature_extraction" and bn == "recalibrate":
+        raise ValueError(
+            "bn='recalibrate' has nothing to re-estimate under feature_extraction: the frozen backbone's BatchNorm "
+            "keeps the source's statistics. Use bn='train' (or 'frozen', the same here), or a strategy that trains the backbone."
+        )
     if is_peft_model(model):
         raise ValueError(
             f"The model already carries peft adapters; {strategy!r} cannot be applied on top. Train the adapters "
             "as they are (transfer_strategy=None), or merge them first (model.merge_and_unload())."
         )
     base = base_model(model)
+    notes: list[str] = []
     if strategy == "feature_extraction":
         freeze(base.backbone)
         backbone_ids = {id(p) for p in base.backbone.parameters()}
@@ -344,21 +553,34 @@ def apply_transfer_strategy(
             if id(p) not in backbone_ids:
                 p.requires_grad_(True)
     elif strategy == "fine_tune":
-        unfreeze(base)
+        notes += _unfreeze(base, strategy, keep_frozen, bn)
     elif strategy == "partial":
-        if trainable_groups is None:
+        if trainable_groups is None and trainable_fraction is None:
             groups = backbone_groups(base)
             raise ValueError(
                 f"strategy='partial' needs trainable_groups: how many of the {len(groups)} top layer groups "
-                f"({', '.join(g.name for g in groups)}) train."
+                f"({', '.join(g.name for g in groups)}) train; or trainable_fraction, the share of parameters."
             )
-        _train_top_groups(base, trainable_groups)
+        if trainable_fraction is not None:
+            trainable_groups = resolve_trainable_fraction(base, trainable_fraction)
+            notes.append(_fraction_note(base, trainable_fraction, trainable_groups))
+        notes += _train_top_groups(base, trainable_groups, strategy, keep_frozen, bn)
     elif strategy == "truncate":
-        _truncate(base, truncate_stage)
-        _train_top_groups(base, trainable_groups)
-    else:  # lora
+        notes += _truncate(base, truncate_stage, keep_depth)
+        if trainable_fraction is not None:
+            trainable_groups = resolve_trainable_fraction(base, trainable_fraction)
+            notes.append(_fraction_note(base, trainable_fraction, trainable_groups))
+        notes += _train_top_groups(base, trainable_groups, strategy, keep_frozen, bn)
+    if bn == "frozen" and strategy != "feature_extraction":
+        frozen = freeze_batch_norm(base)
+        if frozen:
+            notes.append(f"bn='frozen': {frozen} BatchNorm layers frozen (running statistics and affine weights)")
+    if strategy == "lora":  # after the BatchNorm policy: adapters wrap the (frozen-BN) backbone
         model = _apply_lora(model, lora_kwargs)
-    return summarize_trainable(model, strategy)
+    base.config.bn_policy = "frozen" if strategy == "feature_extraction" else bn
+    summary = summarize_trainable(model, strategy)
+    summary.bn, summary.notes = base.config.bn_policy, notes
+    return summary
 
 
 # --------------------------------------------------------------------------------- advice

@@ -258,7 +258,7 @@ def test_truncate_stage_out_of_range():
 
 
 def test_options_for_the_wrong_strategy():
-    with pytest.raises(ValueError, match="trainable_groups applies to"):
+    with pytest.raises(ValueError, match="trainable_groups / trainable_fraction apply to"):
         apply_transfer_strategy(make_model("cnn"), "fine_tune", trainable_groups=2)
     with pytest.raises(ValueError, match="only apply to strategy='lora'"):
         apply_transfer_strategy(make_model("cnn"), "fine_tune", r=8)

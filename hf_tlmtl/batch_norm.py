@@ -1,0 +1,155 @@
+"""What BatchNorm does while a pretrained backbone is fine-tuned: ``bn="train" | "frozen" | "recalibrate"``.
+
+A pretrained CNN fine-tuned on a small target with BatchNorm in training mode keeps running statistics
+that the last few batches dragged around: the training loss falls while eval-mode accuracy collapses.
+The policies:
+
+- ``"train"``: BatchNorm trains as in any PyTorch model (batch statistics in ``.train()``, running
+  statistics updated with momentum, affine weights trained where their layer group trains).
+- ``"frozen"``: every BatchNorm layer of the backbone becomes timm's ``FrozenBatchNorm2d`` /
+  ``FrozenBatchNormAct2d`` (``timm.layers.freeze_batch_norm_2d``): the source's running statistics
+  *and* affine weights stay as they are, also in ``.train()``; convolutions still train.
+- ``"recalibrate"``: BatchNorm trains as with ``"train"``, and before every evaluation and save the
+  running statistics are re-estimated on the training data with the final weights
+  (:func:`recalibrate_batch_norm`, PyTorch's ``torch.optim.swa_utils.update_bn``).
+
+Example:
+    >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+    >>> from hf_tlmtl.batch_norm import batch_norm_layers, freeze_batch_norm
+    >>> m = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
+    >>> len(batch_norm_layers(m)), freeze_batch_norm(m), len(batch_norm_layers(m))
+    (15, 15, 0)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from timm.layers import freeze_batch_norm_2d
+from timm.layers.norm_act import FrozenBatchNorm2d, FrozenBatchNormAct2d
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+BN_POLICIES: tuple[str, ...] = ("train", "frozen", "recalibrate")
+"""Valid values of ``bn`` (:func:`hf_tlmtl.transfer.apply_transfer_strategy`, ``MultiTaskTrainingArguments.bn``)."""
+
+FROZEN_BATCH_NORM = (FrozenBatchNorm2d, FrozenBatchNormAct2d)
+
+
+def check_bn_policy(bn: str) -> str:
+    """``bn`` itself, or a ``ValueError`` naming the valid policies."""
+    if bn not in BN_POLICIES:
+        raise ValueError(f"Unknown BatchNorm policy bn={bn!r}; valid policies: {list(BN_POLICIES)}.")
+    return bn
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    from .transfer import base_model  # transfer imports this module
+
+    return base_model(model).backbone
+
+
+def batch_norm_layers(model: nn.Module) -> dict[str, _BatchNorm]:
+    """The backbone's BatchNorm layers that still train (not frozen), by backbone-relative name."""
+    return {name: m for name, m in _backbone(model).named_modules() if isinstance(m, _BatchNorm)}
+
+
+def frozen_batch_norm_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The backbone's frozen BatchNorm layers (``FrozenBatchNorm2d`` / ``FrozenBatchNormAct2d``), by name."""
+    return {name: m for name, m in _backbone(model).named_modules() if isinstance(m, FROZEN_BATCH_NORM)}
+
+
+def freeze_batch_norm(model: nn.Module) -> int:
+    """Turn every BatchNorm layer of the backbone into its frozen timm twin (in place); returns how many.
+
+    ``timm.layers.freeze_batch_norm_2d`` replaces ``BatchNorm2d`` / ``BatchNormAct2d`` by
+    ``FrozenBatchNorm2d`` / ``FrozenBatchNormAct2d``: running statistics and affine weights become
+    buffers, fixed in ``.train()`` too. Other BatchNorm kinds (1d, 3d) are left out by timm.
+    """
+    backbone = _backbone(model)
+    before = len(frozen_batch_norm_layers(model))
+    converted = freeze_batch_norm_2d(backbone)
+    if converted is not backbone:  # the backbone itself is a BatchNorm: cannot be replaced in place
+        raise ValueError(f"The backbone {type(backbone).__name__} is itself a BatchNorm layer; nothing to freeze inside it.")
+    return len(frozen_batch_norm_layers(model)) - before
+
+
+def batch_norm_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every BatchNorm tensor of the backbone (running statistics and affine weights, frozen or not).
+
+    Example:
+        >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+        >>> m = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
+        >>> sorted(batch_norm_state(m))[:2]
+        ['bn1.bias', 'bn1.num_batches_tracked']
+    """
+    state = {}
+    for name, module in _backbone(model).named_modules():
+        if isinstance(module, (_BatchNorm, *FROZEN_BATCH_NORM)):
+            for key, tensor in module.state_dict().items():
+                state[f"{name}.{key}" if name else key] = tensor.detach().clone()
+    return state
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Any], autocast: Any = None) -> int:
+    """Re-estimate the backbone's BatchNorm running statistics on ``batches`` (one pass); returns the images seen.
+
+    Statistics are reset and then averaged over the batches with equal weight per batch
+    (``momentum=None``), the backbone in training mode so that each layer normalises with the
+    batch's statistics, as in training: ``torch.optim.swa_utils.update_bn``, applied to the
+    backbone alone. ``running_mean`` is then the exact mean over the images when the batches have
+    equal sizes; ``running_var`` the mean of the batches' (unbiased) variances. Frozen BatchNorm
+    layers stay as they are. Every module's ``training`` flag is restored afterwards.
+
+    Args:
+        model: A :class:`~hf_tlmtl.TimmMultiTaskModel` (or a peft / DDP wrapper of one).
+        batches: Batches as the collator makes them (dicts with ``pixel_values``) or image tensors.
+        autocast: Optional context manager factory (mixed precision) to run the forward passes in.
+
+    Example:
+        >>> import torch
+        >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+        >>> m = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")], image_size=32)
+        >>> x = torch.randn(8, 3, 32, 32)
+        >>> recalibrate_batch_norm(m, [x])
+        8
+        >>> mean = m.backbone.conv1(x).mean(dim=(0, 2, 3))
+        >>> torch.allclose(m.backbone.bn1.running_mean, mean, atol=1e-6)
+        True
+    """
+    backbone = _backbone(model)
+    if not any(isinstance(m, _BatchNorm) for m in backbone.modules()):
+        return 0
+    device = next(backbone.parameters()).device
+    modes = {module: module.training for module in backbone.modules()}
+    seen = 0
+
+    def pixels() -> Iterable[torch.Tensor]:
+        nonlocal seen
+        for batch in batches:
+            x = batch["pixel_values"] if isinstance(batch, dict) else batch
+            seen += x.shape[0]
+            yield x.to(device)
+
+    try:
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            torch.optim.swa_utils.update_bn(pixels(), backbone)
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    return seen
+
+
+__all__ = [
+    "BN_POLICIES",
+    "batch_norm_layers",
+    "batch_norm_state",
+    "check_bn_policy",
+    "freeze_batch_norm",
+    "frozen_batch_norm_layers",
+    "recalibrate_batch_norm",
+]
