@@ -155,9 +155,13 @@ def _load_hub_dataset(source: str) -> DatasetDict:
     return data
 
 
+# datasets labels its pass over local data files "Downloading data": nothing is downloaded from a local folder.
+_LOCAL_FILES = datasets.DownloadConfig(download_desc="Reading local files")
+
+
 def _load_image_folder(path: Path, image_column: str, verify_images: bool) -> DatasetDict:
     try:
-        data = datasets.load_dataset("imagefolder", data_dir=str(path))
+        data = datasets.load_dataset("imagefolder", data_dir=str(path), download_config=_LOCAL_FILES)
     except Exception as e:  # noqa: BLE001 - an empty folder, unreadable metadata ...
         raise ValueError(
             f"Could not read {str(path)!r} as an image folder ({type(e).__name__}: {str(e).splitlines()[0]}). "
@@ -191,7 +195,7 @@ def load_table(path: str | Path, image_column: str = "image", verify_images: boo
     builder = TABLE_FORMATS[path.suffix.lower()]
     kwargs = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
     try:
-        table = datasets.load_dataset(builder, data_files={"train": str(path)}, **kwargs)["train"]
+        table = datasets.load_dataset(builder, data_files={"train": str(path)}, download_config=_LOCAL_FILES, **kwargs)["train"]
     except Exception as e:  # noqa: BLE001 - parse errors of the file
         raise ValueError(f"Could not read {path.name} as {builder} ({type(e).__name__}: {str(e).splitlines()[0]}).") from None
     if image_column not in table.column_names:

@@ -56,7 +56,7 @@ from hf_tlmtl.data import MultiTaskCollator, build_transforms, prepare_dataset  
 from hf_tlmtl.run_folder import SET_ASIDE_DIR, DropSetAsideOnSave, drop_set_aside, restore, set_aside  # noqa: E402
 from hf_tlmtl.sources import load_image_dataset, resolve_tasks  # noqa: E402
 from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments  # noqa: E402
-from hf_tlmtl.transfer import is_peft_model, recommend_strategy, summarize_trainable  # noqa: E402
+from hf_tlmtl.transfer import SMALL_DATASET_MAX_SAMPLES, is_peft_model, recommend_strategy, summarize_trainable  # noqa: E402
 
 SUMMARY_FILE = "training_summary.json"
 CURVES_FILE = "training_curves.png"
@@ -91,6 +91,17 @@ class ModelArguments:
         metadata={"help": "How close this data is to the source model's: measured (scored on the training data with "
                   "LogME, see hf_tlmtl.transferability) | similar | different | a number in [0, 1]. "
                   "Prints hf_tlmtl.transfer.recommend_strategy's advice in the transfer plan."},
+    )
+    small_dataset_max_samples: int = field(
+        default=SMALL_DATASET_MAX_SAMPLES,
+        metadata={"help": "recommend_strategy: a training set with fewer rows than this is 'small' (cases 1 and 2)."},
+    )
+    mean: str | None = field(default=None, metadata={"help": "Normalisation mean per channel, e.g. 0.485,0.456,0.406 (default: the checkpoint's)."})
+    std: str | None = field(default=None, metadata={"help": "Normalisation std per channel, e.g. 0.229,0.224,0.225 (default: the checkpoint's)."})
+    crop_pct: float | None = field(
+        default=None,
+        metadata={"help": "Centre-crop fraction of the eval transform, in (0, 1]. Default: the checkpoint's (0.875 for most "
+                  "ImageNet models), but 1.0 (the whole image) when --image_size is below the backbone's native size."},
     )
 
 
@@ -283,6 +294,44 @@ def build_model(model_args: ModelArguments, tasks: list[TaskSpec]) -> TimmMultiT
     )
 
 
+def _channel_values(text: str, flag: str, channels: int) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} takes {channels} comma-separated numbers (one per channel), got {text!r}") from None
+    if len(values) != channels or (flag == "--std" and min(values) <= 0):
+        raise UsageError(f"{flag} needs {channels} {'positive ' if flag == '--std' else ''}numbers (one per input channel), got {text!r}")
+    return values
+
+
+def apply_preprocessing(model_args: ModelArguments, model: TimmMultiTaskModel) -> str | None:
+    """``--mean`` / ``--std`` / ``--crop_pct`` into the model's data config (saved with it); a note on the crop.
+
+    timm's 0.875 centre crop is an ImageNet-at-224-px convention: below the backbone's native input size
+    (small images, or images generated at the input size) it would cut an eighth of the border, so the
+    default there is the whole image (crop_pct 1.0).
+    """
+    data_config = model.config.data_config
+    channels = model.config.in_chans
+    for flag, key in (("--mean", "mean"), ("--std", "std")):
+        text = getattr(model_args, key)
+        if text is not None:
+            data_config[key] = _channel_values(text, flag, channels)
+    if model_args.crop_pct is not None:
+        if not 0.0 < model_args.crop_pct <= 1.0:
+            raise UsageError(f"--crop_pct must be in (0, 1] (the centre-crop fraction), got {model_args.crop_pct}")
+        data_config["crop_pct"] = model_args.crop_pct
+        return None
+    native = (getattr(model.backbone, "pretrained_cfg", None) or {}).get("input_size")
+    side = min(data_config["input_size"][1:])
+    if model_args.image_size and native and side < min(native[1:]) and data_config.get("crop_pct", 1.0) < 1.0:
+        note = (f"crop_pct {data_config['crop_pct']} -> 1.0: input {side} px is below the backbone's native "
+                f"{min(native[1:])} px, so the whole image is kept (pass --crop_pct to choose)")
+        data_config["crop_pct"] = 1.0
+        return note
+    return None
+
+
 def _similarity(value: str) -> str | float:
     try:
         return float(value)
@@ -335,6 +384,7 @@ class Run:
     baselines: dict[str, dict[str, float]]
     push_repo: str | None = None
     batch_note: str | None = None
+    crop_note: str | None = None
 
 
 def check_push_to_hub(training_args: MultiTaskTrainingArguments) -> str | None:
@@ -376,6 +426,7 @@ def setup(argv: list[str]) -> Run:
         )
         raw, tasks = resolve_tasks(raw, data_args.tasks, data_args.image_column)
     model = build_model(model_args, tasks)
+    crop_note = apply_preprocessing(model_args, model)
     train_transform = None if data_args.augment else build_transforms(model.config, train=False)
     # Augmentation seeded per row (run seed, epoch, row): a resumed run draws the crops an uninterrupted one does.
     train_ds = prepare_dataset(raw["train"], model.config, train=True, image_column=data_args.image_column,
@@ -387,6 +438,7 @@ def setup(argv: list[str]) -> Run:
     if model_args.task_similarity is not None:
         recommendation = recommend_strategy(
             len(raw["train"]), _similarity(model_args.task_similarity), model=model,
+            small_dataset_max_samples=model_args.small_dataset_max_samples,
             dataset=raw["train"], tasks=model.tasks, image_column=data_args.image_column,
         )
     baselines = baseline_metrics(raw["train"], raw["validation"], model.tasks)
@@ -417,7 +469,7 @@ def setup(argv: list[str]) -> Run:
             out.rmdir()
         raise
     return Run(model_args, data_args, run_args, training_args, raw, model, trainer, resume, recommendation, baselines,
-               push_repo, batch_note)
+               push_repo, batch_note, crop_note)
 
 
 def describe_plan(run: Run) -> str:
@@ -433,13 +485,20 @@ def describe_plan(run: Run) -> str:
     else:
         weights = "random init"
     _, height, width = config.data_config["input_size"]
+    if args.cache_features:
+        augmentation = "off (--cache_features trains on features of the eval transform)"
+    else:
+        augmentation = "timm" if run.data_args.augment else "off"
+    crop = config.data_config.get("crop_pct")
     lines = [
         "== hf_tlmtl finetune ==",
-        f"model    : {config.backbone}, {weights}; input {width}x{height}, "
-        f"augmentation {'timm' if run.data_args.augment else 'off'}",
+        f"model    : {config.backbone}, {weights}; input {width}x{height}"
+        + (f" (crop_pct {crop:g})" if crop is not None else "") + f", augmentation {augmentation}",
         f"data     : {run.data_args.dataset}: {len(raw['train'])} train / {len(raw['validation'])} validation rows",
         "tasks    : " + "; ".join(_describe_task(t) for t in model.tasks),
     ]
+    if run.crop_note:
+        lines.insert(2, f"           note: {run.crop_note}")
     summary = run.trainer.transfer_summary or summarize_trainable(run.trainer.model, args.transfer_strategy)
     lines.append(
         f"transfer : strategy {args.transfer_strategy or 'none (all parameters train)'}; trainable "
@@ -454,10 +513,14 @@ def describe_plan(run: Run) -> str:
     elif run.model_args.init_from or config.backbone_source:
         lines.append("advice   : pass --task_similarity measured (or similar|different|0..1) for recommend_strategy's transfer advice")
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    if args.max_steps > 0:  # max_steps wins over num_train_epochs in the Trainer
+        length = f"{args.max_steps} steps (max_steps; {args.max_steps * global_batch / max(len(raw['train']), 1):.1f} epochs)"
+    else:
+        length = f"{args.num_train_epochs:g} epochs"
     lines.append(
-        f"training : {args.num_train_epochs:g} epochs, global batch {global_batch} ({args.world_size} process(es) x "
+        f"training : {length}, global batch {global_batch} ({args.world_size} process(es) x "
         f"{args.per_device_train_batch_size}), lr {args.learning_rate:g}, loss balancing {args.loss_balancing}, "
-        f"device {args.device}"
+        f"BatchNorm {args.bn}, device {args.device}"
     )
     if run.batch_note:
         lines.append(f"           note: {run.batch_note}")

@@ -249,10 +249,13 @@ def contender_arguments(contender: str, study: StudyArguments) -> dict[str, Any]
 
 
 def training_arguments(
-    training_argv: list[str], output_dir: Path, seed: int, max_steps: int, contender: str, study: StudyArguments
+    training_argv: list[str], output_dir: Path, seed: int, max_steps: int, contender: str, study: StudyArguments,
+    contender_args: dict[str, Any] | None = None,
 ) -> MultiTaskTrainingArguments:
-    """The shared training argv plus this run's contender settings, step budget, seed and output folder."""
-    per_run = {**contender_arguments(contender, study), "max_steps": max_steps, "seed": seed}
+    """The shared training argv plus this run's contender settings (``contender_args``, by default
+    :func:`contender_arguments`), step budget, seed and output folder."""
+    settings = contender_arguments(contender, study) if contender_args is None else contender_args
+    per_run = {**settings, "max_steps": max_steps, "seed": seed}
     (args,) = build_parser(MultiTaskTrainingArguments).parse_args_into_dataclasses(
         args=training_argv + _pairs(per_run) + ["--output_dir", str(output_dir), "--save_strategy", "no", "--eval_strategy", "no"]
     )
@@ -555,13 +558,15 @@ def run_once(
     seed: int,
     training_argv: list[str],
     output_dir: Path,
+    contender_args: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one contender on one training subset; evaluate on the target's validation split.
 
-    ``wall_seconds`` covers building the model, applying the strategy (feature caching
+    ``contender_args`` replace :func:`contender_arguments` (other studies' variants, e.g. a BatchNorm
+    policy). ``wall_seconds`` covers building the model, applying the strategy (feature caching
     included) and training; evaluation is left out.
     """
-    args = training_arguments(training_argv, output_dir, seed, steps, contender, study)
+    args = training_arguments(training_argv, output_dir, seed, steps, contender, study, contender_args)
     start = time.perf_counter()
     set_seed(seed)
     if contender == "scratch":

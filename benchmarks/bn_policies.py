@@ -1,0 +1,223 @@
+"""BatchNorm policies side by side on a real pretrained source, for the four classic transfer cases.
+
+    python benchmarks/bn_policies.py [recipes/configs/transfer_study.yaml] [--key value ...]
+
+The source is EfficientNet-Lite0 with ImageNet weights (``[study]`` extra); the targets are the transfer
+study's ``photos`` (similar to ImageNet) and ``digits`` (different), each at ``--small_size`` and
+``--large_size`` training images: the four cases. Every variant below runs with the transfer study's
+shared settings (steps, batch, learning rate, image size; ``recipes/transfer_study.py``) over ``--seeds``:
+
+- ``feature_extraction`` (BatchNorm frozen with the backbone, the reference);
+- ``partial`` (``trainable_fraction=0.25``: the top layer group, 30 % of EfficientNet-Lite0),
+  ``truncate`` (top stage dropped, layer decay 0.75) and ``fine_tune_llrd`` (layer decay 0.9), each with
+  ``bn`` = ``train``, ``frozen`` and ``recalibrate``;
+- ``lora`` with ``bn`` = ``train`` and ``frozen``.
+
+``--bn_variants`` picks a subset (``name/bn`` items). Besides ``results.md`` / ``results.json`` in
+``--results_dir`` (default ``benchmarks/bn_policies``), the report marks what
+``recommend_strategy(n, <measured similarity>)`` advises in each case, and whether it is the measured
+best or within noise (the larger of the two standard deviations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+import transfer_study as ts  # noqa: E402 - the study's data, sources and runs
+
+from hf_tlmtl.cli import run_or_exit  # noqa: E402
+from hf_tlmtl.transfer import LARGE_DIFFERENT_LAYER_DECAY, SMALL_DIFFERENT_LAYER_DECAY, recommend_strategy  # noqa: E402
+
+STRATEGY_ARGS: dict[str, dict[str, Any]] = {
+    "feature_extraction": {"transfer_strategy": "feature_extraction", "cache_features": True},
+    "partial": {"transfer_strategy": "partial", "trainable_fraction": 0.25},
+    "truncate": {"transfer_strategy": "truncate", "layer_decay": SMALL_DIFFERENT_LAYER_DECAY},
+    "fine_tune_llrd": {"transfer_strategy": "fine_tune", "layer_decay": LARGE_DIFFERENT_LAYER_DECAY},
+    "lora": {"transfer_strategy": "lora"},
+}
+"""What each variant's strategy is (the same settings as the transfer study, ``partial`` by parameter share)."""
+
+DEFAULT_VARIANTS = (
+    "feature_extraction/frozen",
+    *(f"{name}/{bn}" for name in ("partial", "truncate", "fine_tune_llrd") for bn in ("train", "frozen", "recalibrate")),
+    "lora/train",
+    "lora/frozen",
+)
+TARGETS = {"photos": "similar", "digits": "different"}
+"""The two targets and their declared similarity to ImageNet."""
+
+
+def variant_arguments(variant: str) -> dict[str, Any]:
+    name, _, bn = variant.partition("/")
+    if name not in STRATEGY_ARGS or bn not in ("train", "frozen", "recalibrate"):
+        raise ts.UsageError(f"--bn_variants: unknown variant {variant!r}; use name/bn with name in {list(STRATEGY_ARGS)}")
+    return {**STRATEGY_ARGS[name], **({} if name == "feature_extraction" else {"bn": bn})}
+
+
+def advised_variant(rec: Any) -> str:
+    """The variant that carries out a ``Recommendation`` (strategy and BatchNorm policy)."""
+    name = ts.RECOMMENDED_CONTENDER[rec.strategy]
+    return "feature_extraction/frozen" if name == "feature_extraction" else f"{name}/{getattr(rec, 'bn', 'train')}"
+
+
+def summarize(case: dict[str, Any], threshold: int) -> None:
+    for result in case["variants"].values():
+        values = [r["metric"] for r in result["runs"]]
+        result["mean"] = statistics.fmean(values)
+        result["std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    case["winner"] = max(case["variants"], key=lambda v: case["variants"][v]["mean"])
+    measurement = ts.transferability.SimilarityMeasurement(**case["measurement"])
+    measurement.similarity = ts.transferability.similarity_from_gain(measurement.gain)
+    rec = recommend_strategy(case["n_train"], measurement, small_dataset_max_samples=threshold)
+    advised = advised_variant(rec)
+    best = case["variants"][case["winner"]]
+    record: dict[str, Any] = {"variant": advised, "case": rec.case, "reason": rec.reason}
+    if advised not in case["variants"]:
+        record["verdict"], record["gap"] = "not measured", None
+    else:
+        chosen = case["variants"][advised]
+        record["gap"] = best["mean"] - chosen["mean"]
+        if advised == case["winner"]:
+            record["verdict"] = "agrees"
+        elif record["gap"] <= max(best["std"], chosen["std"]):
+            record["verdict"] = "within noise"
+        else:
+            record["verdict"] = "disagrees"
+    case["advice"] = record
+
+
+def markdown(results: dict[str, Any]) -> str:
+    cases, variants = results["cases"], results["variants"]
+    lines = [
+        "# BatchNorm policies on a real pretrained source (EfficientNet-Lite0, ImageNet)",
+        "",
+        f"Accuracy, mean ± std over seeds {results['seeds']}; **bold** = best in the case, † = `recommend_strategy`'s "
+        "advice (measured similarity). Rows: variants (`strategy/bn`); columns: the four cases.",
+        "",
+        "| variant | " + " | ".join(f"{c['label']}" for c in cases) + " |",
+        "| --- | " + " | ".join("---:" for _ in cases) + " |",
+    ]
+    for variant in variants:
+        cells = []
+        for case in cases:
+            r = case["variants"][variant]
+            cell = f"{r['mean']:.3f} ± {r['std']:.3f}"
+            if variant == case["winner"]:
+                cell = f"**{cell}**"
+            if variant == case["advice"]["variant"]:
+                cell += " †"
+            cells.append(cell)
+        lines.append(f"| `{variant}` | " + " | ".join(cells) + " |")
+    agree = sum(c["advice"]["verdict"] in ("agrees", "within noise") for c in cases)
+    lines += ["", f"Advice best or within noise of the best in **{agree} of {len(cases)}** cases:", ""]
+    for case in cases:
+        a = case["advice"]
+        gap = "" if a["gap"] is None else f" (gap {a['gap']:.3f})"
+        lines.append(f"- {case['label']}: advised `{a['variant']}`, best `{case['winner']}`: {a['verdict']}{gap}.")
+    lines += [
+        "",
+        f"Setting: {results['setting']}. Wall time {results['total_wall_seconds'] / 60:.1f} min on "
+        f"{results['environment']['cpu_count']} CPU cores ({results['environment']['torch_threads']} torch threads).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write(results: dict[str, Any], results_dir: Path) -> str:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    report = markdown(results)
+    (results_dir / "results.md").write_text(report)
+    (results_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    return report
+
+
+def rerender(results_dir: Path) -> dict[str, Any]:
+    path = results_dir / "results.json"
+    if not path.is_file():
+        raise ts.UsageError(f"--rerender needs {path} from an earlier run")
+    results = json.loads(path.read_text())
+    for case in results["cases"]:
+        summarize(case, results["small_dataset_max_samples"])
+    print(write(results, results_dir))
+    return results
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--bn_variants", default=",".join(DEFAULT_VARIANTS))
+    own.add_argument("--rerender", default=None, metavar="RESULTS_DIR",
+                     help="Re-read RESULTS_DIR/results.json, re-derive the advice with the package as it is now, rewrite results.md.")
+    known, rest = own.parse_known_args(argv)
+    if known.rerender:
+        return rerender(Path(known.rerender))
+    variants = [v.strip() for v in known.bn_variants.split(",") if v.strip()]
+    for v in variants:
+        variant_arguments(v)
+    defaults = ["--sources", "imagenet", "--targets", ",".join(TARGETS), "--results_dir", "benchmarks/bn_policies",
+                "--output_dir", "outputs/bn_policies"]
+    study, training_argv, output_dir, _ = ts.parse_arguments(rest[:1] + defaults + rest[1:] if rest[:1] and rest[0].endswith(ts.YAML_SUFFIXES) else defaults + rest)
+    study.contenders = "feature_extraction"  # checked by the study; the variants are this script's
+    _, seeds, threshold, results_dir = ts.check_arguments(study, output_dir)
+    if study.num_threads:
+        torch.set_num_threads(study.num_threads)
+    started = time.perf_counter()
+    cache: dict[str, Any] = {}
+    targets = ts.load_targets(study, output_dir, cache)
+    (source,) = ts.resolve_sources(study, training_argv, output_dir, cache)
+    ts.attach_source_details(study, source, targets[0].task)
+    cases = []
+    for target in targets:
+        for size, n_train, steps in (("small", study.small_size, study.small_steps), ("large", study.large_size, study.large_steps)):
+            label = f"{size} {TARGETS.get(target.name, '?')} ({target.name}, {n_train})"
+            case: dict[str, Any] = {"label": label, "target": target.name, "size": size, "n_train": n_train, "steps": steps,
+                                    "variants": {v: {"runs": []} for v in variants}}
+            for seed in seeds:
+                train = ts.training_subset(target.train, target.task, n_train, seed)
+                train = ts.on_disk(train, output_dir / "data" / target.name / f"{size}-seed{seed}")
+                if "measurement" not in case:
+                    measurement = ts.transferability.measure_similarity(
+                        ts.transfer_model(study, source, target.task), train, [target.task],
+                        cache_dir=str(output_dir / "features"), image_column=study.image_column,
+                    )
+                    case["measurement"] = ts.asdict(measurement)
+                for variant in variants:
+                    print(f"== {label}, seed {seed}: {variant}", flush=True)
+                    name = variant.partition("/")[0]
+                    run = ts.run_once(study, name, source, target, train, steps, seed, training_argv,
+                                      output_dir / "runs" / target.name / size / variant.replace("/", "-") / f"seed{seed}",
+                                      contender_args=variant_arguments(variant))
+                    if not math.isfinite(run["metric"]):
+                        raise RuntimeError(f"{label} {variant} seed {seed}: non-finite metric")
+                    case["variants"][variant]["runs"].append(run)
+            summarize(case, threshold)
+            cases.append(case)
+    first = ts.training_arguments(training_argv, output_dir / "runs", seeds[0], 1, "scratch", study)
+    results = {
+        "seeds": seeds,
+        "variants": variants,
+        "small_dataset_max_samples": threshold,
+        "setting": (f"{study.image_size} px, {study.small_steps} / {study.large_steps} steps, batch "
+                    f"{first.per_device_train_batch_size}, AdamW lr {first.learning_rate:g}, {study.small_size} / "
+                    f"{study.large_size} training images, {targets[0].validation.num_rows} / {targets[-1].validation.num_rows} "
+                    "validation images"),
+        "study": ts.asdict(study),
+        "training_argv": training_argv,
+        "cases": cases,
+        "environment": {"cpu_count": ts.os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+    }
+    results["total_wall_seconds"] = time.perf_counter() - started
+    print(write(results, results_dir))
+    return results
+
+
+if __name__ == "__main__":
+    run_or_exit(main, sys.argv[1:])
