@@ -9,11 +9,12 @@ shared settings (steps, batch, learning rate, image size; ``recipes/transfer_stu
 
 - ``feature_extraction`` (BatchNorm frozen with the backbone, the reference);
 - ``partial`` (``trainable_fraction=0.25``: the top layer group, 30 % of EfficientNet-Lite0),
-  ``truncate`` (top stage dropped, layer decay 0.75) and ``fine_tune_llrd`` (layer decay 0.9), each with
-  ``bn`` = ``train``, ``frozen`` and ``recalibrate``;
-- ``lora`` with ``bn`` = ``train`` and ``frozen``.
+  ``truncate`` (top stage dropped, layer decay 0.75) and ``fine_tune_llrd`` (layer decay 0.9), with
+  ``bn`` = ``train``, ``frozen`` or ``recalibrate``, at the study's learning rate or ``@low``
+  (:data:`LOW_LR`); see :data:`DEFAULT_VARIANTS` for which combinations and why.
 
-``--bn_variants`` picks a subset (``name/bn`` items). Besides ``results.md`` / ``results.json`` in
+``--bn_variants`` picks others (``name/bn[@low]`` items; ``truncate_half`` cuts at half the depth,
+``keep_depth=0.5``), ``--sizes small`` runs the small cases only (e.g. at the native 224 px). Besides ``results.md`` / ``results.json`` in
 ``--results_dir`` (default ``benchmarks/bn_policies``), the report marks what
 ``recommend_strategy(n, <measured similarity>)`` advises in each case, and whether it is the measured
 best or within noise (the larger of the two standard deviations).
@@ -42,32 +43,45 @@ STRATEGY_ARGS: dict[str, dict[str, Any]] = {
     "feature_extraction": {"transfer_strategy": "feature_extraction", "cache_features": True},
     "partial": {"transfer_strategy": "partial", "trainable_fraction": 0.25},
     "truncate": {"transfer_strategy": "truncate", "layer_decay": SMALL_DIFFERENT_LAYER_DECAY},
+    "truncate_half": {"transfer_strategy": "truncate", "keep_depth": 0.5, "layer_decay": SMALL_DIFFERENT_LAYER_DECAY},
     "fine_tune_llrd": {"transfer_strategy": "fine_tune", "layer_decay": LARGE_DIFFERENT_LAYER_DECAY},
     "lora": {"transfer_strategy": "lora"},
 }
 """What each variant's strategy is (the same settings as the transfer study, ``partial`` by parameter share)."""
 
+LOW_LR = {"learning_rate": 1e-3, "head_lr_scale": 10.0}
+"""``@low``: the backbone at a tenth of the study's learning rate, the heads at the study's (0.001, heads x10)."""
+
 DEFAULT_VARIANTS = (
     "feature_extraction/frozen",
-    *(f"{name}/{bn}" for name in ("partial", "truncate", "fine_tune_llrd") for bn in ("train", "frozen", "recalibrate")),
-    "lora/train",
-    "lora/frozen",
+    "partial/train", "partial/frozen@low",
+    "truncate/train", "truncate/train@low", "truncate/frozen", "truncate/frozen@low", "truncate/recalibrate",
+    "fine_tune_llrd/train", "fine_tune_llrd/train@low", "fine_tune_llrd/frozen@low", "fine_tune_llrd/recalibrate",
 )
+"""BatchNorm frozen at the study's learning rate (0.01) diverges when the whole network or its top group trains
+(training loss above chance in a first run): frozen BatchNorm no longer renormalises what the updated convolutions
+produce. So the frozen variants also run at ``@low``, and the ``train`` ones too, to tell the learning rate's
+effect from BatchNorm's. LoRA is left out: its BatchNorm is always frozen (:data:`hf_tlmtl.transfer.BN_FROZEN_STRATEGIES`)."""
 TARGETS = {"photos": "similar", "digits": "different"}
 """The two targets and their declared similarity to ImageNet."""
 
 
 def variant_arguments(variant: str) -> dict[str, Any]:
-    name, _, bn = variant.partition("/")
-    if name not in STRATEGY_ARGS or bn not in ("train", "frozen", "recalibrate"):
-        raise ts.UsageError(f"--bn_variants: unknown variant {variant!r}; use name/bn with name in {list(STRATEGY_ARGS)}")
-    return {**STRATEGY_ARGS[name], **({} if name == "feature_extraction" else {"bn": bn})}
+    """``strategy/bn[@low]`` as training arguments."""
+    body, _, lr = variant.partition("@")
+    name, _, bn = body.partition("/")
+    if name not in STRATEGY_ARGS or bn not in ("train", "frozen", "recalibrate") or lr not in ("", "low"):
+        raise ts.UsageError(f"--bn_variants: unknown variant {variant!r}; use name/bn[@low] with name in {list(STRATEGY_ARGS)}")
+    return {**STRATEGY_ARGS[name], **({} if name in ("feature_extraction", "lora") else {"bn": bn}), **(LOW_LR if lr else {})}
 
 
 def advised_variant(rec: Any) -> str:
-    """The variant that carries out a ``Recommendation`` (strategy and BatchNorm policy)."""
+    """The variant that carries out a ``Recommendation`` (strategy, BatchNorm policy, learning-rate scale)."""
     name = ts.RECOMMENDED_CONTENDER[rec.strategy]
-    return "feature_extraction/frozen" if name == "feature_extraction" else f"{name}/{getattr(rec, 'bn', 'train')}"
+    if name == "feature_extraction":
+        return "feature_extraction/frozen"
+    low = getattr(rec, "learning_rate_scale", 1.0) < 1.0
+    return f"{name}/{getattr(rec, 'bn', 'train')}" + ("@low" if low else "")
 
 
 def summarize(case: dict[str, Any], threshold: int) -> None:
@@ -154,6 +168,7 @@ def rerender(results_dir: Path) -> dict[str, Any]:
 def main(argv: list[str]) -> dict[str, Any]:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--bn_variants", default=",".join(DEFAULT_VARIANTS))
+    own.add_argument("--sizes", default="small,large", help="Which training-set sizes to run: small, large or both.")
     own.add_argument("--rerender", default=None, metavar="RESULTS_DIR",
                      help="Re-read RESULTS_DIR/results.json, re-derive the advice with the package as it is now, rewrite results.md.")
     known, rest = own.parse_known_args(argv)
@@ -177,6 +192,8 @@ def main(argv: list[str]) -> dict[str, Any]:
     cases = []
     for target in targets:
         for size, n_train, steps in (("small", study.small_size, study.small_steps), ("large", study.large_size, study.large_steps)):
+            if size not in known.sizes.split(","):
+                continue
             label = f"{size} {TARGETS.get(target.name, '?')} ({target.name}, {n_train})"
             case: dict[str, Any] = {"label": label, "target": target.name, "size": size, "n_train": n_train, "steps": steps,
                                     "variants": {v: {"runs": []} for v in variants}}

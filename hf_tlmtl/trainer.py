@@ -680,10 +680,10 @@ def _check_transfer_args(args: MultiTaskTrainingArguments) -> None:
             raise ValueError("keep_depth is used by transfer_strategy='truncate' only, instead of truncate_stage.")
         if not 0.0 < args.keep_depth < 1.0:
             raise ValueError(f"keep_depth must be in (0, 1) (share of the backbone's depth kept), got {args.keep_depth}.")
-    if args.bn == "recalibrate" and (strategy == "feature_extraction" or args.cache_features):
+    if args.bn == "recalibrate" and (strategy in ("feature_extraction", "lora") or args.cache_features):
         raise ValueError(
-            "bn='recalibrate' has nothing to re-estimate under feature_extraction (the frozen backbone keeps the "
-            "source's BatchNorm statistics); use bn='train' or a strategy that trains the backbone."
+            f"bn='recalibrate' has nothing to re-estimate under {strategy} (the frozen backbone keeps the source's "
+            "BatchNorm statistics); use bn='train' or a strategy that trains the backbone."
         )
     if args.gradual_unfreeze and strategy in ("feature_extraction", "lora"):
         raise ValueError(

@@ -19,8 +19,8 @@ Example:
     >>> summary = apply_transfer_strategy(model, "partial", trainable_groups=2)
     >>> [g.name for g in summary.groups if g.trainable]
     ['layer3.0', 'layer4.0', 'heads.y']
-    >>> recommend_strategy(500, "similar").strategy
-    'feature_extraction'
+    >>> recommend_strategy(500, "similar").strategy, recommend_strategy(500, "similar", rules="classic").strategy
+    ('truncate', 'feature_extraction')
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ logger = logging.get_logger(__name__)
 STRATEGIES: tuple[str, ...] = ("feature_extraction", "fine_tune", "partial", "truncate", "lora")
 """Valid values of ``strategy`` / ``MultiTaskTrainingArguments.transfer_strategy``."""
 
+BN_FROZEN_STRATEGIES: tuple[str, ...] = ("feature_extraction", "lora")
+"""Strategies whose backbone BatchNorm is always frozen (timm's frozen BatchNorm): ``bn`` cannot change it."""
+
 SMALL_DATASET_MAX_SAMPLES = 5_000
 """A target set with fewer training samples than this is "small" (cases 1 and 2)."""
 
@@ -59,6 +62,28 @@ SMALL_DIFFERENT_LAYER_DECAY = 0.75
 
 LARGE_DIFFERENT_LAYER_DECAY = 0.9
 """Case 4 fine-tunes everything, lower layers a little slower."""
+
+RULES: tuple[str, ...] = ("study", "classic")
+"""``recommend_strategy(rules=)``: measured with real sources (default), or the seed article's table."""
+
+STUDY_RULES: dict[str, dict[str, Any]] = {
+    "small": {
+        "layer_decay": SMALL_DIFFERENT_LAYER_DECAY,
+        "bn": "recalibrate",
+        "learning_rate_scale": 1.0,
+        "why": "On 100 training images this was best for the similar and the different target alike, ahead of "
+               "frozen BatchNorm and of full fine-tuning; re-estimating BatchNorm's statistics with the final weights "
+               "fixes the eval-mode collapse that few, small batches leave.",
+    },
+    "large": {
+        "layer_decay": SMALL_DIFFERENT_LAYER_DECAY,
+        "bn": "frozen",
+        "learning_rate_scale": 0.1,
+        "why": "On 600 training images frozen BatchNorm at a lower backbone learning rate kept the source's "
+               "normalisation and was best or within noise of the best for both targets.",
+    },
+}
+"""The advice of ``rules="study"`` by target size; see :func:`recommend_strategy`."""
 
 
 # ----------------------------------------------------------------------------------- groups
@@ -503,7 +528,8 @@ def apply_transfer_strategy(
         bn: BatchNorm policy (:data:`~hf_tlmtl.batch_norm.BN_POLICIES`): ``"train"``, ``"frozen"`` (every
             BatchNorm layer of the backbone frozen, statistics and affine weights, whatever else trains) or
             ``"recalibrate"`` (trains; the Trainer re-estimates running statistics before evaluating and
-            saving). ``feature_extraction`` freezes BatchNorm with the backbone in any case.
+            saving). ``feature_extraction`` and ``lora`` freeze BatchNorm with the backbone in any case
+            (:data:`BN_FROZEN_STRATEGIES`).
         keep_frozen: ``fine_tune`` / ``partial`` / ``truncate`` unfreeze the backbone first, undoing an earlier
             freeze (a logged note says so); ``True`` keeps what was frozen before.
         **lora_kwargs: ``lora``: passed to ``hf_tlmtl.adapters.apply_lora`` (``r``, ``alpha``, ...).
@@ -534,10 +560,10 @@ def apply_transfer_strategy(
         raise ValueError(f"truncate_stage / keep_depth apply to strategy='truncate' only, not {strategy!r}; leave them None.")
     if truncate_stage is not None and keep_depth is not None:
         raise ValueError("Pass truncate_stage or keep_depth, not both.")
-    if strategy == "feature_extraction" and bn == "recalibrate":
+    if strategy in BN_FROZEN_STRATEGIES and bn == "recalibrate":
         raise ValueError(
-            "bn='recalibrate' has nothing to re-estimate under feature_extraction: the frozen backbone's BatchNorm "
-            "keeps the source's statistics. Use bn='train' (or 'frozen', the same here), or a strategy that trains the backbone."
+            f"bn='recalibrate' has nothing to re-estimate under {strategy}: the frozen backbone's BatchNorm keeps the "
+            "source's statistics. Use bn='train' (or 'frozen', the same here), or a strategy that trains the backbone."
         )
     if is_peft_model(model):
         raise ValueError(
@@ -571,13 +597,13 @@ def apply_transfer_strategy(
             trainable_groups = resolve_trainable_fraction(base, trainable_fraction)
             notes.append(_fraction_note(base, trainable_fraction, trainable_groups))
         notes += _train_top_groups(base, trainable_groups, strategy, keep_frozen, bn)
-    if bn == "frozen" and strategy != "feature_extraction":
+    if bn == "frozen" and strategy not in BN_FROZEN_STRATEGIES:
         frozen = freeze_batch_norm(base)
         if frozen:
             notes.append(f"bn='frozen': {frozen} BatchNorm layers frozen (running statistics and affine weights)")
     if strategy == "lora":  # after the BatchNorm policy: adapters wrap the (frozen-BN) backbone
         model = _apply_lora(model, lora_kwargs)
-    base.config.bn_policy = "frozen" if strategy == "feature_extraction" else bn
+    base.config.bn_policy = "frozen" if strategy in BN_FROZEN_STRATEGIES else bn
     summary = summarize_trainable(model, strategy)
     summary.bn, summary.notes = base.config.bn_policy, notes
     return summary
@@ -600,15 +626,28 @@ class Recommendation:
     layer_decay: float | None = None
     measurement: Any = field(default=None, repr=False)
     """The :class:`~hf_tlmtl.transferability.SimilarityMeasurement` behind ``similarity="measured"``."""
+    bn: str = "train"
+    """The BatchNorm policy (:data:`~hf_tlmtl.batch_norm.BN_POLICIES`)."""
+    learning_rate_scale: float = 1.0
+    """The backbone's learning rate relative to the heads' (``learning_rate``); below 1 the backbone trains slower."""
 
-    def training_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``MultiTaskTrainingArguments`` that follow this advice."""
-        return {
+    def training_kwargs(self, learning_rate: float | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``MultiTaskTrainingArguments`` that follow this advice.
+
+        With ``learning_rate`` (the rate the heads should get), a ``learning_rate_scale`` below 1 becomes
+        ``learning_rate * learning_rate_scale`` for the backbone and ``head_lr_scale = 1 / learning_rate_scale``.
+        """
+        kwargs = {
             "transfer_strategy": self.strategy,
             "trainable_groups": self.trainable_groups,
             "truncate_stage": self.truncate_stage,
             "layer_decay": self.layer_decay,
+            "bn": self.bn,
         }
+        if learning_rate is not None and self.learning_rate_scale != 1.0:
+            kwargs["learning_rate"] = learning_rate * self.learning_rate_scale
+            kwargs["head_lr_scale"] = 1.0 / self.learning_rate_scale
+        return kwargs
 
 
 def _similarity_is_high(similarity: str | float, threshold: float) -> bool:
@@ -641,56 +680,60 @@ def recommend_strategy(
     method: str = "logme",
     cache_dir: str | None = None,
     image_column: str = "image",
+    rules: str = "study",
 ) -> Recommendation:
-    """The classic four transfer-learning cases (Yosinski et al. 2014; CS231n "Transfer Learning").
+    """Advice for the four classic transfer-learning cases, from measurements (or from the classic table).
 
     ``num_train_samples < small_dataset_max_samples`` is a *small* target set; ``similarity`` is
     ``"similar"`` / ``"different"`` or a number in [0, 1] (1 = the source task itself), *similar*
-    when ``>= similarity_threshold``.
+    when ``>= similarity_threshold``; ``"measured"`` measures it (below). Size and similarity give the
+    case (Yosinski et al. 2014; CS231n "Transfer Learning"); ``rules`` the advice for it.
+
+    ``rules="study"`` (default): what ``benchmarks/bn_policies.py`` and ``recipes/transfer_study.py`` measured
+    with real sources (ImageNet EfficientNet-Lite0; a digits-trained ResNet), :data:`STUDY_RULES`:
 
     ====  ===============  ===============================================================
     case  data, similarity  advice
     ====  ===============  ===============================================================
-    1     small, similar    ``feature_extraction``: source features already fit; a frozen
-                            backbone cannot over-fit the few samples.
-    2     small, different  ``truncate``: keep the early, generic stages and drop the top,
-                            source-specific one; tune what remains with strong layer decay
-                            (:data:`SMALL_DIFFERENT_LAYER_DECAY`).
-    3     large, similar    ``partial``: start from the source and fine-tune the top
-                            ``top_groups`` layer groups.
-    4     large, different  ``fine_tune`` everything with mild layer-wise LR decay
-                            (:data:`LARGE_DIFFERENT_LAYER_DECAY`).
+    1, 2  small             ``truncate`` (drop the top stage), the rest fine-tuned with layer decay
+                            :data:`SMALL_DIFFERENT_LAYER_DECAY`, ``bn="recalibrate"``
+    3, 4  large             ``truncate``, layer decay :data:`SMALL_DIFFERENT_LAYER_DECAY`,
+                            ``bn="frozen"``, backbone at a tenth of the heads' learning rate
+                            (``learning_rate_scale=0.1``)
     ====  ===============  ===============================================================
 
-    With ``model``, case 2 gets its concrete ``truncate_stage`` and case 3 its ``trainable_groups``
-    is capped at the model's number of layer groups.
+    Similarity does not change that advice: it was best or within noise of the best for the similar and
+    the different target alike, and the classic table's feature extraction (case 1), top-groups
+    fine-tuning (case 3) and full fine-tuning (case 4) lost to it.
+
+    ``rules="classic"``: the seed article's table, as it is: case 1 ``feature_extraction``; case 2
+    ``truncate`` with strong layer decay; case 3 ``partial`` (top ``top_groups`` groups); case 4
+    ``fine_tune`` with mild layer decay (:data:`LARGE_DIFFERENT_LAYER_DECAY`); BatchNorm trains.
+
+    With ``model``, ``truncate`` gets its concrete ``truncate_stage`` (drop the top stage) and
+    ``partial`` its ``trainable_groups`` capped at the model's number of layer groups.
 
     ``similarity="measured"`` (with ``model`` = the source and ``dataset`` = the target data, its
     ``train`` split; ``tasks``, ``method``, ``cache_dir``, ``image_column`` as in
-    :func:`~hf_tlmtl.transferability.measure_similarity`) measures instead of asking, and its evidence
-    overrides the table where ``recipes/transfer_study.py`` found the table wrong:
-
-    - the source's frozen features are scored (LogME) against the target labels and against random
-      features of the same network; the gain becomes the similarity through the logistic calibrated on the
-      study (:data:`~hf_tlmtl.transferability.MEASURED_GAIN_THRESHOLD`);
-    - when the source *without its top stage* scores higher than the whole source, the top stage is
-      specific to the source task: whatever the case, the advice is ``truncate`` (the rest tuned with
-      layer decay :data:`SMALL_DIFFERENT_LAYER_DECAY`). In the study this held in 10 of 12 (source,
-      target, size) cases, and truncate was then best or within noise of the best in 8 of those 10; the
-      classic table's case 1, 3 and 4 advice lost to it with a real ImageNet source.
-
+    :func:`~hf_tlmtl.transferability.measure_similarity`): the source's frozen features are scored (LogME)
+    against the target labels and against random features of the same network; the gain becomes the
+    similarity through the logistic calibrated on the study
+    (:data:`~hf_tlmtl.transferability.MEASURED_GAIN_THRESHOLD`). Under the classic rules, a source whose
+    top stage scores lower than the stage below (``top_stage_hurts``) is advised ``truncate`` whatever the case.
     ``reason`` names the scores and the case they led to; ``measurement`` keeps them. A
-    :class:`~hf_tlmtl.transferability.SimilarityMeasurement` measured earlier can be passed as
-    ``similarity`` too. A declared similarity gets the classic table as it is.
+    :class:`~hf_tlmtl.transferability.SimilarityMeasurement` measured earlier can be passed as ``similarity`` too.
 
     Example:
+        >>> rec = recommend_strategy(100, "similar")
+        >>> rec.case, rec.strategy, rec.bn, rec.learning_rate_scale
+        (1, 'truncate', 'recalibrate', 1.0)
         >>> rec = recommend_strategy(100_000, 0.2)
-        >>> rec.case, rec.strategy, rec.layer_decay
-        (4, 'fine_tune', 0.9)
-        >>> recommend_strategy(4_999, "different").strategy, recommend_strategy(5_000, "different").strategy
-        ('truncate', 'fine_tune')
-        >>> recommend_strategy(100, "similar").strategy
+        >>> rec.case, rec.strategy, rec.bn, rec.training_kwargs(learning_rate=0.01)["learning_rate"]
+        (4, 'truncate', 'frozen', 0.001)
+        >>> recommend_strategy(100, "similar", rules="classic").strategy
         'feature_extraction'
+        >>> recommend_strategy(4_999, "different", rules="classic").strategy, recommend_strategy(5_000, "different", rules="classic").strategy
+        ('truncate', 'fine_tune')
     """
     if isinstance(num_train_samples, bool) or not isinstance(num_train_samples, numbers.Integral):
         raise ValueError(f"num_train_samples must be an int, got {num_train_samples!r}.")
@@ -700,6 +743,8 @@ def recommend_strategy(
         raise ValueError(f"similarity_threshold must be in [0, 1], got {similarity_threshold}.")
     if small_dataset_max_samples < 1 or top_groups < 1:
         raise ValueError("small_dataset_max_samples and top_groups must be >= 1.")
+    if rules not in RULES:
+        raise ValueError(f"rules must be one of {list(RULES)}, got {rules!r}.")
     measurement = similarity if hasattr(similarity, "top_stage_hurts") else None  # a SimilarityMeasurement
     if isinstance(similarity, str) and similarity.lower() == "measured":
         measurement = _measure(model, dataset, tasks, method, cache_dir, image_column)
@@ -711,7 +756,9 @@ def recommend_strategy(
     sim = f"similarity {similarity!r} ({'similar' if similar else 'different'})"
     if measurement is not None:
         sim += f" from {measurement.describe()}"
-    if measurement is not None and measurement.top_stage_hurts:
+    if rules == "study":
+        rec = _study_case(small, similar, size, sim, model)
+    elif measurement is not None and measurement.top_stage_hurts:
         rec = _top_stage_too_specific(small, similar, size, sim, model)
     else:
         rec = _recommend_case(small, similar, size, sim, top_groups, model)
@@ -719,9 +766,30 @@ def recommend_strategy(
     return rec
 
 
+def _case_number(small: bool, similar: bool) -> int:
+    return (1 if similar else 2) if small else (3 if similar else 4)
+
+
+def _case_label(small: bool, similar: bool) -> str:
+    return f"{'small' if small else 'large'} & {'similar' if similar else 'different'}"
+
+
+def _study_case(small: bool, similar: bool, size: str, sim: str, model: nn.Module | None) -> Recommendation:
+    case = _case_number(small, similar)
+    advice = STUDY_RULES["small" if small else "large"]
+    lr = "" if advice["learning_rate_scale"] == 1.0 else f", the backbone at {advice['learning_rate_scale']:g}x the heads' learning rate"
+    return Recommendation(
+        "truncate", None, _default_truncate_stage(model), case,
+        f"Case {case}, {_case_label(small, similar)}: {size}, {sim}. Measured with real sources (benchmarks/bn_policies, "
+        f"recipes/transfer_study): drop the top stage, fine-tune the rest with layer decay {advice['layer_decay']}, "
+        f"BatchNorm {advice['bn']}{lr}. {advice['why']}",
+        layer_decay=advice["layer_decay"], bn=advice["bn"], learning_rate_scale=advice["learning_rate_scale"],
+    )
+
+
 def _top_stage_too_specific(small: bool, similar: bool, size: str, sim: str, model: nn.Module | None) -> Recommendation:
-    case = (1 if similar else 2) if small else (3 if similar else 4)
-    label = f"{'small' if small else 'large'} & {'similar' if similar else 'different'}"
+    case = _case_number(small, similar)
+    label = _case_label(small, similar)
     return Recommendation(
         "truncate", None, _default_truncate_stage(model), case,
         f"Case {case}, {label}, top stage too specific: {size}, {sim}. The source without its top stage scores "

@@ -507,7 +507,7 @@ def describe_plan(run: Run) -> str:
     lines += ["           " + line for line in str(summary).splitlines()[2:]]
     if run.recommendation is not None:
         rec = run.recommendation
-        advice = {k: v for k, v in rec.training_kwargs().items() if v is not None}
+        advice = {k: v for k, v in rec.training_kwargs(learning_rate=args.learning_rate).items() if v is not None}
         lines.append(f"advice   : {rec.reason}")
         lines.append("           to follow it: " + " ".join(f"--{k} {v}" for k, v in advice.items()))
     elif run.model_args.init_from or config.backbone_source:

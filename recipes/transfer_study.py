@@ -524,15 +524,18 @@ def transferability_scores(
 
 
 def measured_recommendation(n_train: int, measurement: dict[str, Any], threshold: int) -> Any:
-    """``recommend_strategy`` on a stored measurement, re-read with the calibration now in the package."""
+    """``recommend_strategy(rules="classic")`` on a stored measurement, re-read with the calibration now in the
+    package: the classic table on the measured similarity, ``truncate`` where the top stage hurts. This study
+    measured that rule; the package's default rules (``rules="study"``, derived from this study and
+    ``benchmarks/bn_policies.py``) add a BatchNorm policy that this study's contenders do not vary."""
     stored = transferability.SimilarityMeasurement(**measurement)
     stored.similarity = transferability.similarity_from_gain(stored.gain)
-    return recommend_strategy(n_train, stored, small_dataset_max_samples=threshold)
+    return recommend_strategy(n_train, stored, small_dataset_max_samples=threshold, rules="classic")
 
 
 def declared_recommendation(n_train: int, declared: str, threshold: int) -> Any:
     """What the seed article's rule says when the similarity is declared instead of measured."""
-    return recommend_strategy(n_train, declared, small_dataset_max_samples=threshold)
+    return recommend_strategy(n_train, declared, small_dataset_max_samples=threshold, rules="classic")
 
 
 def _recommendation_record(rec: Any) -> dict[str, Any]:

@@ -209,6 +209,7 @@ def test_efficientnet_cuts_are_timms_feature_taps():
     [
         ({"strategy": "fine_tune", "bn": "sometimes"}, "Unknown BatchNorm policy"),
         ({"strategy": "feature_extraction", "bn": "recalibrate"}, "nothing to re-estimate"),
+        ({"strategy": "lora", "bn": "recalibrate"}, "nothing to re-estimate under lora"),
         ({"strategy": "partial", "trainable_groups": 1, "trainable_fraction": 0.5}, "not both"),
         ({"strategy": "partial", "trainable_fraction": 0.0}, r"trainable_fraction must be a number in \(0, 1\]"),
         ({"strategy": "fine_tune", "trainable_fraction": 0.5}, "apply to 'partial' and 'truncate'"),

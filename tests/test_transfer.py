@@ -294,7 +294,7 @@ def test_trainer_applies_the_strategy_from_the_arguments(tmp_path):
     ],
 )
 def test_recommend_strategy_four_cases(samples, similarity, case, strategy):
-    rec = recommend_strategy(samples, similarity)
+    rec = recommend_strategy(samples, similarity, rules="classic")
     assert (rec.case, rec.strategy) == (case, strategy)
     assert rec.reason.startswith(f"Case {case},")
     assert rec.strategy in STRATEGIES
@@ -312,7 +312,7 @@ def test_recommend_strategy_boundaries_and_overrides():
     assert recommend_strategy(n, math.nextafter(s, 0.0)).case == 4
     assert recommend_strategy(200, "similar", small_dataset_max_samples=100).case == 3
     assert recommend_strategy(200, 0.6, similarity_threshold=0.7).case == 2
-    assert recommend_strategy(50_000, "similar", top_groups=3).trainable_groups == 3
+    assert recommend_strategy(50_000, "similar", top_groups=3, rules="classic").trainable_groups == 3
 
 
 def _measurement(gain: float, top_stage_hurts: bool) -> SimilarityMeasurement:
@@ -326,11 +326,11 @@ def _measurement(gain: float, top_stage_hurts: bool) -> SimilarityMeasurement:
 def test_measured_top_stage_evidence_makes_every_case_truncate():
     model = make_model("cnn")
     for samples, gain, case in ((100, 1.0, 1), (100, -1.0, 2), (50_000, 1.0, 3), (50_000, -1.0, 4)):
-        rec = recommend_strategy(samples, _measurement(gain, top_stage_hurts=True), model=model)
+        rec = recommend_strategy(samples, _measurement(gain, top_stage_hurts=True), model=model, rules="classic")
         assert (rec.case, rec.strategy, rec.layer_decay) == (case, "truncate", 0.75)
         assert rec.truncate_stage == len(model.backbone.feature_info) - 2 and "top stage too specific" in rec.reason
         # Without that evidence the classic table decides, on the measured similarity.
-        table = recommend_strategy(samples, _measurement(gain, top_stage_hurts=False), model=model)
+        table = recommend_strategy(samples, _measurement(gain, top_stage_hurts=False), model=model, rules="classic")
         assert (table.case, table.strategy) == (case, {1: "feature_extraction", 2: "truncate", 3: "partial", 4: "fine_tune"}[case])
         assert "from measured logme" in table.reason
 
@@ -342,9 +342,47 @@ def test_recommendation_applies_to_a_model():
     kwargs = rec.training_kwargs()
     summary = apply_transfer_strategy(model, kwargs["transfer_strategy"], truncate_stage=kwargs["truncate_stage"])
     assert summary.truncate_stage == rec.truncate_stage
-    assert recommend_strategy(50_000, "similar", top_groups=9, model=make_model("vit")).trainable_groups == 7
-    args = MultiTaskTrainingArguments(output_dir="unused", **recommend_strategy(50_000, "similar").training_kwargs())
-    assert (args.transfer_strategy, args.trainable_groups) == ("partial", 2)
+    assert recommend_strategy(50_000, "similar", top_groups=9, model=make_model("vit"), rules="classic").trainable_groups == 7
+    classic = recommend_strategy(50_000, "similar", rules="classic").training_kwargs()
+    args = MultiTaskTrainingArguments(output_dir="unused", **classic)
+    assert (args.transfer_strategy, args.trainable_groups, args.bn) == ("partial", 2, "train")
+
+
+@pytest.mark.parametrize("samples,similarity,case", [(100, "similar", 1), (100, 0.0, 2), (50_000, 0.9, 3), (50_000, "different", 4)])
+def test_study_rules_truncate_with_the_measured_batch_norm_policy(samples, similarity, case):
+    rec = recommend_strategy(samples, similarity, model=make_model("cnn"))
+    small = samples < SMALL_DATASET_MAX_SAMPLES
+    assert (rec.case, rec.strategy, rec.layer_decay) == (case, "truncate", 0.75)
+    assert (rec.bn, rec.learning_rate_scale) == (("recalibrate", 1.0) if small else ("frozen", 0.1))
+    assert rec.reason.startswith(f"Case {case},") and f"BatchNorm {rec.bn}" in rec.reason
+    kwargs = rec.training_kwargs(learning_rate=0.01)
+    if small:
+        assert "learning_rate" not in kwargs
+    else:
+        assert kwargs["learning_rate"] == pytest.approx(0.001) and kwargs["head_lr_scale"] == pytest.approx(10.0)
+
+
+def test_following_the_large_case_advice_trains_a_truncated_model_with_frozen_batch_norm(tmp_path):
+    from hf_tlmtl.batch_norm import batch_norm_layers, frozen_batch_norm_layers
+
+    model = make_model("cnn")
+    rec = recommend_strategy(50_000, "similar", model=model)
+    args = MultiTaskTrainingArguments(
+        output_dir=str(tmp_path / "out"), report_to="none", disable_tqdm=True, use_cpu=True, per_device_train_batch_size=8,
+        max_steps=1, save_strategy="no", lr_scheduler_type="constant", **rec.training_kwargs(learning_rate=0.01),
+    )
+    trainer = MultiTaskTrainer(model=model, args=args, train_dataset=random_task_dataset(16, IMAGE))
+    trainer.train()
+    assert model.config.truncate_stage == rec.truncate_stage and model.config.bn_policy == "frozen"
+    assert not batch_norm_layers(model) and frozen_batch_norm_layers(model)
+    rates = sorted({group["lr"] for group in trainer.optimizer.param_groups})
+    assert rates[-1] == pytest.approx(0.01)  # heads at the given rate, the backbone below it
+    assert max(r for r in rates if r < 0.01 - 1e-12) <= 0.001 + 1e-12
+
+
+def test_unknown_rules():
+    with pytest.raises(ValueError, match="rules must be one of"):
+        recommend_strategy(100, "similar", rules="article")
 
 
 @pytest.mark.parametrize(

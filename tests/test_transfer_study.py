@@ -55,9 +55,9 @@ def test_every_case_is_scored_then_measured_with_every_contender(study):
         assert all(math.isfinite(v) for v in [*scores["source"].values(), *scores["random"].values()])
         # The measured recommendation is recommend_strategy on the stored measurement.
         measurement = SimilarityMeasurement(**scores["measurement"])
-        expected = recommend_strategy(case["n_train"], measurement, small_dataset_max_samples=18)
+        expected = recommend_strategy(case["n_train"], measurement, small_dataset_max_samples=18, rules="classic")
         assert (case["recommendation"]["case"], case["recommendation"]["strategy"]) == (expected.case, expected.strategy)
-        declared = recommend_strategy(case["n_train"], case["declared"], small_dataset_max_samples=18)
+        declared = recommend_strategy(case["n_train"], case["declared"], small_dataset_max_samples=18, rules="classic")
         assert case["declared_recommendation"]["strategy"] == declared.strategy
         assert case["winner"] in CONTENDERS
         assert case["recommendation"]["verdict"] in ("agrees", "within noise", "disagrees")
