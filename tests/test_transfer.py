@@ -350,7 +350,8 @@ def test_recommendation_applies_to_a_model():
 
 @pytest.mark.parametrize("samples,similarity,case", [(100, "similar", 1), (100, 0.0, 2), (50_000, 0.9, 3), (50_000, "different", 4)])
 def test_study_rules_truncate_with_the_measured_batch_norm_policy(samples, similarity, case):
-    rec = recommend_strategy(samples, similarity, model=make_model("cnn"))
+    small_input = TimmMultiTaskModel.from_backbone("test_resnet", TASKS, image_size=IMAGE)  # 0.2x its native 160 px
+    rec = recommend_strategy(samples, similarity, model=small_input)
     small = samples < SMALL_DATASET_MAX_SAMPLES
     assert (rec.case, rec.strategy, rec.layer_decay) == (case, "truncate", 0.75)
     assert (rec.bn, rec.learning_rate_scale) == (("recalibrate", 1.0) if small else ("frozen", 0.1))
@@ -378,6 +379,15 @@ def test_following_the_large_case_advice_trains_a_truncated_model_with_frozen_ba
     rates = sorted({group["lr"] for group in trainer.optimizer.param_groups})
     assert rates[-1] == pytest.approx(0.01)  # heads at the given rate, the backbone below it
     assert max(r for r in rates if r < 0.01 - 1e-12) <= 0.001 + 1e-12
+
+
+def test_study_rules_extract_features_for_a_small_similar_target_at_native_resolution():
+    native = make_model("cnn")  # test_resnet at its own 160 px
+    rec = recommend_strategy(100, "similar", model=native)
+    assert (rec.case, rec.strategy, rec.bn) == (1, "feature_extraction", "frozen") and "native" in rec.reason
+    # Only case 1 depends on the resolution; without a model the 48 px evidence (truncate) decides.
+    assert recommend_strategy(100, "different", model=native).strategy == "truncate"
+    assert recommend_strategy(100, "similar").strategy == "truncate"
 
 
 def test_unknown_rules():
