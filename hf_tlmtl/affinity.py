@@ -484,7 +484,7 @@ def plot_affinity(result: AffinityMatrix, path: str | os.PathLike, title: str | 
     figure = Figure(figsize=(2 * side + 0.8, side), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, 2, squeeze=False)[0]
-    panels = [("lookahead", f"lookahead Z(row -> column), {result.measurements} steps"), ("cosine", "gradient cosine")]
+    panels = [("lookahead", f"lookahead Z(row -> column), {result.measurements} measurements"), ("cosine", "gradient cosine")]
     for ax, (kind, label) in zip(axes, panels):
         matrix = getattr(result, kind)
         finite = np.abs(matrix[np.isfinite(matrix)])
@@ -498,7 +498,8 @@ def plot_affinity(result: AffinityMatrix, path: str | os.PathLike, title: str | 
         for i, j in itertools.product(range(n), repeat=2):
             value = matrix[i, j]
             text = "n/a" if math.isnan(value) else f"{value:.2g}"
-            ax.text(j, i, text, ha="center", va="center", fontsize="small", color="black")
+            dark = not math.isnan(value) and abs(value) > 0.6 * bound
+            ax.text(j, i, text, ha="center", va="center", fontsize="small", color="white" if dark else "black")
         figure.colorbar(image, ax=ax, shrink=0.8)
     return save_figure(figure, path, title)
 
