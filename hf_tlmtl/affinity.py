@@ -19,8 +19,9 @@ and random state are left alone), and writes ``task_affinity.json`` and ``task_a
 maximises the total affinity.
 
 One measurement costs a forward with graph, one backward per task (the graph is kept between them)
-and one forward without graph per task: about ``T`` training steps' worth for ``T`` tasks, so measuring
-every N steps adds roughly ``T / N`` to the run (benchmarks/affinity_cost.py measures it).
+and one forward without graph per task: about ``1 + 1.5 T`` training steps' worth for ``T`` tasks
+(measured), so measuring every N steps adds roughly ``(1 + 1.5 T) / N`` to the run; the callback's
+default N = 6T keeps that near a quarter (benchmarks/affinity_cost.py measures it).
 
 Example:
     >>> import numpy as np
@@ -43,7 +44,6 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.func import functional_call
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
@@ -206,13 +206,20 @@ def measure_affinity(
                 lengths = {t: float(torch.sqrt(sum((d * d).sum() for d in ds))) for t, ds in steps.items()}
                 mean_length = sum(lengths.values()) / len(lengths)
                 steps = {t: [d * (mean_length / lengths[t]) if lengths[t] > 0 else d for d in ds] for t, ds in steps.items()}
-            for source, ds in steps.items():
-                stepped = {n: p - d for (n, p), d in zip(shared.items(), ds)}
-                torch.manual_seed(seed)
-                after = _present_losses(base, functional_call(base, stepped, args=(), kwargs=batch), batch)
-                for target, value in after.items():
-                    if before[target] > 0:
-                        lookahead[index[source], index[target]] = 1.0 - float(value) / before[target]
+            originals = [p.detach().clone() for p in params]
+            try:
+                for source, ds in steps.items():
+                    # In place (cheaper than torch.func.functional_call on small models); put back exactly below.
+                    for param, original, d in zip(params, originals, ds):
+                        param.copy_(original - d)
+                    torch.manual_seed(seed)
+                    after = _present_losses(base, base(**batch), batch)
+                    for target, value in after.items():
+                        if before[target] > 0:
+                            lookahead[index[source], index[target]] = 1.0 - float(value) / before[target]
+            finally:
+                for param, original in zip(params, originals):
+                    param.copy_(original)
     return lookahead, cosine
 
 
@@ -234,7 +241,8 @@ class TaskAffinityCallback(TrainerCallback):
 
     Args:
         dataset: Prepared rows to measure on (``prepare_dataset`` output); ``None``: the training set.
-        every_n_steps: Measure after every N-th optimizer step.
+        every_n_steps: Measure after every N-th optimizer step. ``None``: ``6 * T`` for ``T`` tasks, which
+            keeps the added time near a quarter of the run's (a measurement costs about 1 + 1.5 T steps).
         start_step: No measurement before this step. The first steps mostly fit each head's bias, which
             moves every task's mean prediction the same way and makes unrelated tasks look helpful;
             start after them (e.g. a fifth of a short run).
@@ -270,7 +278,7 @@ class TaskAffinityCallback(TrainerCallback):
     def __init__(
         self,
         dataset: Any = None,
-        every_n_steps: int = 10,
+        every_n_steps: int | None = None,
         start_step: int = 0,
         batch_size: int | None = None,
         collator: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
@@ -283,14 +291,15 @@ class TaskAffinityCallback(TrainerCallback):
         if lookahead_step not in LOOKAHEAD_STEPS:
             raise ValueError(f"Unknown lookahead_step {lookahead_step!r}; valid: {list(LOOKAHEAD_STEPS)}.")
         self.lookahead_step = lookahead_step
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}.")
+        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
+            raise ValueError(f"every_n_steps must be an int >= 1 (or None for 6 x the number of tasks), got {every_n_steps!r}.")
         if not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"start_step must be an int >= 0, got {start_step!r}.")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be an int >= 1 (or None for the training batch size), got {batch_size!r}.")
         self.dataset, self.collator = dataset, collator
         self.every_n_steps, self.start_step = every_n_steps, start_step
+        self._every = every_n_steps or 1
         self.batch_size, self.seed, self.plot = batch_size, seed, plot
         self.tasks: list[str] = []
         self._reset([])
@@ -314,7 +323,7 @@ class TaskAffinityCallback(TrainerCallback):
     def _state(self) -> dict[str, Any]:
         return {
             "tasks": self.tasks, "steps": self.steps, "counts": self.counts.tolist(),
-            "sums": {k: v.tolist() for k, v in self.sums.items()}, "every_n_steps": self.every_n_steps, "seed": self.seed,
+            "sums": {k: v.tolist() for k, v in self.sums.items()}, "every_n_steps": self._every, "seed": self.seed,
             "start_step": self.start_step,
             "lookahead_step": self.lookahead_step,
         }
@@ -335,7 +344,7 @@ class TaskAffinityCallback(TrainerCallback):
         return rng.choice(num_rows, size=min(batch_size, num_rows), replace=False)
 
     def _planned_steps(self, state: TrainerState) -> list[int]:
-        return [s for s in range(self.every_n_steps, state.max_steps + 1, self.every_n_steps) if s >= self.start_step]
+        return [s for s in range(self._every, state.max_steps + 1, self._every) if s >= self.start_step]
 
     def _check_labels_in_window(self, state: TrainerState, base: Any) -> None:
         """Every task needs a label in the rows of the planned measurements (read from the raw columns
@@ -392,6 +401,7 @@ class TaskAffinityCallback(TrainerCallback):
 
             self._collate = MultiTaskCollator(base.tasks)
         self._batch = self.batch_size or args.per_device_train_batch_size
+        self._every = self.every_n_steps or 6 * len(tasks)
         self._reset(tasks)
         self._output_dir = args.output_dir
         self._check_labels_in_window(state, base)
@@ -414,7 +424,7 @@ class TaskAffinityCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         step = state.global_step
-        if step % self.every_n_steps or step < self.start_step or step in self.steps:
+        if step % self._every or step < self.start_step or step in self.steps:
             return
         model, optimizer = kwargs["model"], kwargs.get("optimizer")
         shared = shared_parameters(model)
@@ -445,7 +455,8 @@ class TaskAffinityCallback(TrainerCallback):
             return
         if not self.steps:
             logger.warning(
-                "Task affinity: no measurement in %d steps (every_n_steps=%d); nothing written.", state.global_step, self.every_n_steps
+                "Task affinity: no measurement in %d steps (every %d steps from step %d); nothing written.",
+                state.global_step, self._every, self.start_step,
             )
             return
         unmeasured = [n for n, c in zip(self.tasks, np.diag(self.counts)) if c == 0]

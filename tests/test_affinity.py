@@ -148,10 +148,12 @@ def _trainer(train, output_dir, callbacks, names=PAIR_TASKS, **overrides):
 def test_training_run_finds_the_helping_pair_and_self_affinity_is_highest(pairs, tmp_path):
     tag = TaskAffinityCallback(every_n_steps=10, start_step=20)
     equal = TaskAffinityCallback(every_n_steps=10, start_step=20, lookahead_step="equal", name="equal")
-    trainer = _trainer(pairs, tmp_path, [tag, equal], max_steps=60)
+    default = TaskAffinityCallback(plot=False, name="default")
+    trainer = _trainer(pairs, tmp_path, [tag, equal, default], max_steps=60)
     trainer.train()
     result, equal_steps = tag.result(), equal.result()
     assert result.steps == equal_steps.steps == [20, 30, 40, 50, 60]
+    assert default.steps == [24, 48]  # every 6 x 4 tasks by default
     i = {n: k for k, n in enumerate(result.tasks)}
     z = result.lookahead
     # Helping pair: both directions positive, and the largest affinity between two different tasks.
