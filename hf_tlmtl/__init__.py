@@ -14,6 +14,7 @@ Example:
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .affinity import TaskAffinityCallback, group_tasks
 from .configuration import TimmMultiTaskConfig
 from .image_processing import TimmMultiTaskImageProcessor
 from .modeling import MultiTaskOutput, TimmMultiTaskModel
@@ -35,9 +36,11 @@ if PIPELINE_TASK not in PIPELINE_REGISTRY.supported_tasks:
 __all__ = [
     "MultiTaskImageClassificationPipeline",
     "MultiTaskOutput",
+    "TaskAffinityCallback",
     "TaskSpec",
     "TimmMultiTaskConfig",
     "TimmMultiTaskImageProcessor",
     "TimmMultiTaskModel",
     "__version__",
+    "group_tasks",
 ]

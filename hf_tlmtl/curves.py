@@ -113,6 +113,11 @@ def plot_training_curves(
                 ax.legend(fontsize="small")
             else:
                 ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+    return save_figure(figure, path, title)
+
+
+def save_figure(figure: Any, path: str | os.PathLike, title: str | None = None) -> Path:
+    """Write a matplotlib ``figure`` (with an optional overall ``title``) to ``path`` as PNG, folders created."""
     if title:
         figure.suptitle(title)
     path = Path(path)
@@ -121,4 +126,4 @@ def plot_training_curves(
     return path
 
 
-__all__ = ["OVERALL", "curve_series", "plot_training_curves"]
+__all__ = ["OVERALL", "curve_series", "plot_training_curves", "save_figure"]

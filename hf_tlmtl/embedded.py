@@ -15,6 +15,20 @@ something real to learn without any download:
     ``marks``  list of ClassLabel ``outline / center_dot / speckles``, each present with p=0.5
                (multilabel)
 
+``"shapes_affinity"`` (task affinity with the truth built in: a shape in the left half of the image and a
+disc of about the same area, always of another colour, in the right half)
+    ``shape``, ``color`` ClassLabel: shape and colour of the shape (as in ``shapes``)
+    ``warm``   ClassLabel ``cool / warm``: red, yellow, magenta are warm; green, blue cool (a function of ``color``)
+    ``scale``  float in [0, 1]: size of the shape (circumradius 0.10 to 0.20 of the side)   (regression)
+    ``size_class`` ClassLabel ``small / medium / large``: ``scale`` cut in thirds, a deterministic function
+               of the same factor: the **helping pair** ``scale`` / ``size_class``
+    ``distractor_color`` ClassLabel (the ``color`` names): colour of the disc, never the shape's colour:
+               the **conflicting pair** ``color`` / ``distractor_color``. A globally pooled backbone sees
+               both colours alike; while it cannot yet tell the shape from the disc, each colour head learns
+               to split its belief between the two colours present, and a step for one task raises the
+               colour the other task must rule out.
+    ``distractor_scale`` float in [0, 1]: size of the disc (radius 0.06 to 0.16 of the side), independent
+
 ``"digits"``
     scikit-learn's bundled 1,797 handwritten 8x8 digits, upscaled to ``image_size``;
     ``digit`` ClassLabel ``"0"`` .. ``"9"``; stratified train/validation split by ``seed``.
@@ -56,6 +70,7 @@ COLORS = {
     "magenta": (220, 50, 220),
 }
 MARKS = ["outline", "center_dot", "speckles"]
+SIZE_CLASSES = ["small", "medium", "large"]
 # Rotational symmetry period of each shape, in degrees.
 SYMMETRY_DEGREES = {"square": 90.0, "ellipse": 180.0, "triangle": 120.0, "heart": 360.0}
 
@@ -78,6 +93,21 @@ SHAPES_FEATURES = Features(
         "marks": List(ClassLabel(names=MARKS)),
     }
 )
+SHAPES_AFFINITY_FEATURES = Features(
+    {
+        "image": Image(),
+        "shape": ClassLabel(names=SHAPES),
+        "color": ClassLabel(names=list(COLORS)),
+        "warm": ClassLabel(names=["cool", "warm"]),
+        "distractor_color": ClassLabel(names=list(COLORS)),
+        "scale": Value("float32"),
+        "size_class": ClassLabel(names=SIZE_CLASSES),
+        "distractor_scale": Value("float32"),
+    }
+)
+WARM_COLORS = ("red", "yellow", "magenta")
+# shapes_affinity, as fractions of the image side: the shape's circumradius and the disc's radius.
+_PAIR_SHAPE_RADIUS, _PAIR_DISC_RADIUS = (0.10, 0.20), (0.06, 0.16)
 PHOTOS: dict[str, tuple[str, str]] = {
     "china": ("sklearn", "datasets/images/china.jpg"),
     "flower": ("sklearn", "datasets/images/flower.jpg"),
@@ -98,7 +128,7 @@ DIGITS_FEATURES = Features({"image": Image(), "digit": ClassLabel(names=[str(d) 
 
 PHOTOS_FEATURES = Features({"image": Image(), "photo": ClassLabel(names=list(PHOTOS))})
 
-_DEFAULT_SIZES = {"shapes": (2000, 500), "digits": (1437, 360), "photos": (1600, 400)}
+_DEFAULT_SIZES = {"shapes": (2000, 500), "shapes_affinity": (2000, 500), "digits": (1437, 360), "photos": (1600, 400)}
 
 
 def load_embedded_dataset(
@@ -111,9 +141,9 @@ def load_embedded_dataset(
     """Build an offline dataset shipped as code.
 
     Args:
-        name: ``"shapes"``, ``"digits"`` or ``"photos"``.
-        n_train: Training rows (shapes: 2000, digits: 1437, photos: 1600 by default).
-        n_eval: Validation rows (shapes: 500, digits: 360, photos: 400 by default).
+        name: ``"shapes"``, ``"shapes_affinity"``, ``"digits"`` or ``"photos"``.
+        n_train: Training rows (shapes, shapes_affinity: 2000, digits: 1437, photos: 1600 by default).
+        n_eval: Validation rows (shapes, shapes_affinity: 500, digits: 360, photos: 400 by default).
         seed: Same seed, same pixels and labels. Shapes and photos draw train and validation from
             two different streams derived from it (photos also its validation blocks); digits uses
             it for the stratified split.
@@ -165,6 +195,25 @@ def _unit_outline(shape: str) -> np.ndarray:
 _OUTLINES = {shape: _unit_outline(shape) for shape in SHAPES}
 
 
+def _shape_points(
+    big: int, shape: str, scale: float, rotation: float, pos_x: float, pos_y: float
+) -> tuple[np.ndarray, float, float, float]:
+    """Polygon of ``shape`` on a ``big`` x ``big`` canvas: (points, centre x, centre y, circumradius)."""
+    radius = (_MIN_RADIUS + (_MAX_RADIUS - _MIN_RADIUS) * scale) * big
+    margin = _BORDER_MARGIN * big
+    free = big - 2 * (radius + margin)
+    cx = radius + margin + pos_x * free
+    cy = radius + margin + pos_y * free
+    return _outline_points(shape, rotation, radius, cx, cy), cx, cy, radius
+
+
+def _outline_points(shape: str, rotation: float, radius: float, cx: float, cy: float) -> np.ndarray:
+    """Polygon of ``shape`` turned by ``rotation`` (fraction of half its symmetry period), circumradius ``radius``."""
+    angle = math.radians(rotation * SYMMETRY_DEGREES[shape] / 2)
+    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    return _OUTLINES[shape] @ rot.T * radius + (cx, cy)
+
+
 def _draw_shape(
     size: int,
     shape: str,
@@ -177,14 +226,7 @@ def _draw_shape(
     rng: np.random.Generator,
 ) -> PILImage.Image:
     big = size * _SUPERSAMPLE
-    radius = (_MIN_RADIUS + (_MAX_RADIUS - _MIN_RADIUS) * scale) * big
-    margin = _BORDER_MARGIN * big
-    free = big - 2 * (radius + margin)
-    cx = radius + margin + pos_x * free
-    cy = radius + margin + pos_y * free
-    angle = math.radians(rotation * SYMMETRY_DEGREES[shape] / 2)
-    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-    points = _OUTLINES[shape] @ rot.T * radius + (cx, cy)
+    points, cx, cy, _ = _shape_points(big, shape, scale, rotation, pos_x, pos_y)
     canvas = PILImage.new("RGB", (big, big), _BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     outline = (255, 255, 255) if "outline" in marks else None
@@ -228,12 +270,55 @@ def _shapes_split(n: int, seed_sequence: np.random.SeedSequence, image_size: int
     return Dataset.from_dict(rows, features=SHAPES_FEATURES)
 
 
-def _build_shapes(n_train: int, n_eval: int, seed: int, image_size: int) -> DatasetDict:
-    train_seq, eval_seq = np.random.SeedSequence(seed).spawn(2)
-    return DatasetDict(
-        train=_shapes_split(n_train, train_seq, image_size),
-        validation=_shapes_split(n_eval, eval_seq, image_size),
-    )
+def _two_stream_builder(split: Callable[[int, np.random.SeedSequence, int], Dataset]) -> Callable[..., DatasetDict]:
+    """A builder drawing train and validation from two streams spawned from the seed."""
+
+    def build(n_train: int, n_eval: int, seed: int, image_size: int) -> DatasetDict:
+        train_seq, eval_seq = np.random.SeedSequence(seed).spawn(2)
+        return DatasetDict(train=split(n_train, train_seq, image_size), validation=split(n_eval, eval_seq, image_size))
+
+    return build
+
+
+# ---------------------------------------------------------------------------- shapes_affinity
+def _in_half(big: int, radius: float, left: bool, u: float, v: float) -> tuple[float, float]:
+    """A centre keeping a circle of ``radius`` inside the left (or right) half, clear of the borders."""
+    margin = _BORDER_MARGIN * big
+    low_x, high_x = (margin + radius, big / 2 - radius) if left else (big / 2 + radius, big - margin - radius)
+    return low_x + u * (high_x - low_x), margin + radius + v * (big - 2 * (margin + radius))
+
+
+def _shapes_affinity_split(n: int, seed_sequence: np.random.SeedSequence, image_size: int) -> Dataset:
+    rng = np.random.default_rng(seed_sequence)
+    shapes = rng.integers(len(SHAPES), size=n)
+    colors = rng.integers(len(COLORS), size=n)
+    # The disc takes any colour but the shape's: the two colour tasks never share an answer.
+    disc_colors = (colors + rng.integers(1, len(COLORS), size=n)) % len(COLORS)
+    # scale, rotation, distractor_scale, then the two centres' positions within their halves
+    continuous = rng.random((n, 7), dtype=np.float32)
+    color_names, color_values = list(COLORS), list(COLORS.values())
+    big = image_size * _SUPERSAMPLE
+    rows: dict[str, list] = {key: [] for key in SHAPES_AFFINITY_FEATURES}
+    for i in range(n):
+        scale, rotation, disc_scale, *where = (float(v) for v in continuous[i])
+        radius = (_PAIR_SHAPE_RADIUS[0] + (_PAIR_SHAPE_RADIUS[1] - _PAIR_SHAPE_RADIUS[0]) * scale) * big
+        r = (_PAIR_DISC_RADIUS[0] + (_PAIR_DISC_RADIUS[1] - _PAIR_DISC_RADIUS[0]) * disc_scale) * big
+        cx, cy = _in_half(big, radius, True, where[0], where[1])
+        dx, dy = _in_half(big, r, False, where[2], where[3])
+        canvas = PILImage.new("RGB", (big, big), _BACKGROUND)
+        draw = ImageDraw.Draw(canvas)
+        points = _outline_points(SHAPES[shapes[i]], rotation, radius, cx, cy)
+        draw.polygon([tuple(p) for p in points], fill=color_values[colors[i]])
+        draw.ellipse((dx - r, dy - r, dx + r, dy + r), fill=color_values[disc_colors[i]])
+        rows["image"].append(canvas.reduce(_SUPERSAMPLE))
+        rows["shape"].append(int(shapes[i]))
+        rows["color"].append(int(colors[i]))
+        rows["warm"].append(int(color_names[colors[i]] in WARM_COLORS))
+        rows["distractor_color"].append(int(disc_colors[i]))
+        rows["scale"].append(scale)
+        rows["size_class"].append(min(int(scale * len(SIZE_CLASSES)), len(SIZE_CLASSES) - 1))
+        rows["distractor_scale"].append(disc_scale)
+    return Dataset.from_dict(rows, features=SHAPES_AFFINITY_FEATURES)
 
 
 # ------------------------------------------------------------------------------------- digits
@@ -358,7 +443,8 @@ def _build_photos(n_train: int, n_eval: int, seed: int, image_size: int) -> Data
 
 
 _BUILDERS: dict[str, Callable[[int, int, int, int], DatasetDict]] = {
-    "shapes": _build_shapes,
+    "shapes": _two_stream_builder(_shapes_split),
+    "shapes_affinity": _two_stream_builder(_shapes_affinity_split),
     "digits": _build_digits,
     "photos": _build_photos,
 }

@@ -90,7 +90,7 @@ def test_digits_split_and_labels():
 
 
 def test_bad_requests_raise_clear_errors():
-    with pytest.raises(ValueError, match=r"Unknown embedded dataset 'cifar'.*\['digits', 'photos', 'shapes'\]"):
+    with pytest.raises(ValueError, match=r"Unknown embedded dataset 'cifar'.*\['digits', 'photos', 'shapes', 'shapes_affinity'\]"):
         load_embedded_dataset("cifar")
     with pytest.raises(ValueError, match=r"digits has 1797 images.*at most 1797"):
         load_embedded_dataset("digits", n_train=1700, n_eval=200)
