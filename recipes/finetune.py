@@ -53,6 +53,7 @@ from hf_tlmtl.cli import (  # noqa: E402
 from hf_tlmtl.cli import build_parser as build_dataclass_parser  # noqa: E402
 from hf_tlmtl.curves import plot_training_curves  # noqa: E402
 from hf_tlmtl.data import MultiTaskCollator, build_transforms, prepare_dataset  # noqa: E402
+from hf_tlmtl.distributed import describe_sharding  # noqa: E402
 from hf_tlmtl.run_folder import SET_ASIDE_DIR, DropSetAsideOnSave, drop_set_aside, restore, set_aside  # noqa: E402
 from hf_tlmtl.sources import load_image_dataset, resolve_tasks  # noqa: E402
 from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments  # noqa: E402
@@ -461,6 +462,9 @@ def describe_plan(run: Run) -> str:
     )
     if run.batch_note:
         lines.append(f"           note: {run.batch_note}")
+    sharding = describe_sharding(run.trainer)
+    if sharding:
+        lines.append(f"sharding : {sharding}")
     if run.resume:
         lines.append(f"resume   : from {run.resume}")
     lines.append(f"output   : {Path(args.output_dir).resolve()}")
