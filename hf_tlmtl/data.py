@@ -384,6 +384,8 @@ def prepare_dataset(
         >>> sorted(row), tuple(row["pixel_values"].shape)
         (['digit', 'pixel_values'], (3, 32, 32))
     """
+    if isinstance(dataset, datasets.IterableDataset):
+        return _prepare_stream(dataset, _as_config(config), train, image_column, labelled_tasks, transform, seed)
     dataset = _require_dataset(dataset, "prepare_dataset")
     config = _as_config(config)
     raw = _raw(dataset)
@@ -400,6 +402,41 @@ def prepare_dataset(
     if seed is not None:
         raw = raw.add_column(ROW_COLUMN, np.arange(len(raw), dtype=np.int64))
     return raw.with_transform(_BatchTransform(labels, image_column, image_transform, seed=seed))
+
+
+# Rows per map call on a stream: one collator batch's worth of decoding at a time.
+STREAM_MAP_BATCH = 16
+
+
+def _prepare_stream(
+    stream: datasets.IterableDataset,
+    config: TimmMultiTaskConfig,
+    train: bool,
+    image_column: str,
+    labelled_tasks: Iterable[str] | None,
+    transform: Callable | None,
+    seed: int | None,
+) -> datasets.IterableDataset:
+    """:func:`prepare_dataset` for a ``datasets.IterableDataset``: the same checks on its features, the
+    transform applied with ``map`` as rows stream by (raw columns dropped)."""
+    if seed is not None:
+        raise ValueError(
+            "prepare_dataset(seed=...) seeds augmentation by row index, which a stream does not have; pass seed=None "
+            "(a stream's augmentation draws from the global generators, seeded by the Trainer)."
+        )
+    if stream.features is None:
+        raise ValueError(
+            "The stream's features are unknown (datasets could not read them from the files); write the data with "
+            "datasets (Dataset.to_parquet keeps features) or pass features=... to load_dataset."
+        )
+    schema = Dataset.from_dict({name: [] for name in stream.features}, features=stream.features)
+    _check_image_column(schema, image_column)
+    labels = _plan_label_columns(schema, config.task_specs, labelled_tasks)
+    image_transform = transform if transform is not None else build_transforms(config, train=train)
+    return stream.map(
+        _BatchTransform(labels, image_column, image_transform), batched=True, batch_size=STREAM_MAP_BATCH,
+        remove_columns=list(stream.features),
+    )
 
 
 def _raw(dataset: Dataset) -> Dataset:
