@@ -439,6 +439,44 @@ def _prepare_stream(
     )
 
 
+def check_worker_picklable(dataset: Any, what: str = "the dataset", workers: int = 1) -> None:
+    """``ValueError`` unless ``dataset``'s transform can be sent to DataLoader worker processes.
+
+    With ``dataloader_num_workers > 0`` a worker started by ``spawn`` or ``forkserver`` (the default on
+    macOS and Windows, and on Linux from Python 3.14) receives the dataset pickled, transform included: a
+    lambda or a function defined inside another one fails there, after training has started. Checked
+    here on the transform of a prepared ``Dataset`` (``with_transform``) or on the whole ``IterableDataset``
+    (a description of files and ``map`` functions).
+
+    Example:
+        >>> from datasets import Dataset
+        >>> ds = Dataset.from_dict({"x": [1, 2]}).with_transform(lambda batch: batch)
+        >>> try:
+        ...     check_worker_picklable(ds, "train_dataset", workers=2)
+        ... except ValueError as e:
+        ...     print(str(e).split(", which")[0])
+        dataloader_num_workers=2 sends train_dataset's transform to worker processes
+    """
+    import pickle
+
+    if isinstance(dataset, Dataset):
+        target = (dataset.format.get("format_kwargs") or {}).get("transform") if dataset.format["type"] == "custom" else None
+    elif isinstance(dataset, datasets.IterableDataset):
+        target = dataset
+    else:
+        return
+    if target is None:
+        return
+    try:
+        pickle.dumps(target)
+    except Exception as e:  # noqa: BLE001 - pickle raises PicklingError, AttributeError, TypeError ...
+        raise ValueError(
+            f"dataloader_num_workers={workers} sends {what}'s transform to worker processes, which needs it to pickle, "
+            f"and it does not ({type(e).__name__}: {e}). Define the transform at module level (not a lambda or a "
+            "function inside another function), or set dataloader_num_workers=0."
+        ) from None
+
+
 def _raw(dataset: Dataset) -> Dataset:
     """The dataset without any format or transform (a prepared dataset's raw columns)."""
     return dataset if dataset.format["type"] is None else dataset.with_format(None)

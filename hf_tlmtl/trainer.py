@@ -26,6 +26,7 @@ from transformers.utils import logging
 
 from .balancing import BALANCERS, build_balancer, load_balancer_state, save_balancer_state
 from .callbacks import GradualUnfreezeCallback
+from .data import check_worker_picklable
 from .distributed import check_fsdp_setup, enable_fsdp_on_cpu, full_state_dict
 from .metrics import build_compute_metrics
 from .optim import layer_decay_param_groups
@@ -153,6 +154,10 @@ class MultiTaskTrainer(Trainer):
         if self.balancer.requires_grad_aggregation:
             self._check_grad_aggregation_setup()
         check_fsdp_setup(self.args, self.balancer, cpu=self.args.device.type == "cpu")
+        if args.dataloader_num_workers > 0:
+            for what, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
+                for split in dataset.values() if isinstance(dataset, dict) else [dataset]:
+                    check_worker_picklable(split, what, workers=args.dataloader_num_workers)
         seeded = _seeded_transform(self.train_dataset)
         if seeded is not None:
             self.add_callback(_AugmentationEpochCallback(seeded))
