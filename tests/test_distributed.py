@@ -51,6 +51,14 @@ def test_fsdp_refuses_learnable_balancer_weights(tmp_path, monkeypatch):
     check_fsdp_setup(args, build_balancer("uncertainty", TASKS), cpu=True)  # DDP keeps it
 
 
+def test_fsdp_refuses_lora_and_names_ddp(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(ValueError, match="transfer_strategy='lora' is not supported with FSDP .*--multi_gpu"):
+        check_fsdp_setup(_args(tmp_path, transfer_strategy="lora"), build_balancer("static", TASKS), cpu=True)
+    check_fsdp_setup(_args(tmp_path, transfer_strategy="partial", trainable_groups=2), build_balancer("static", TASKS), cpu=True)
+
+
 def test_fsdp1_on_cpu_is_refused_with_the_fsdp2_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
