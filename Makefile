@@ -26,6 +26,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/pipeline_batching.py --threads 1
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/gradient_checkpointing.py
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python benchmarks/affinity_cost.py
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python benchmarks/data_loading.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -33,6 +33,7 @@ import hashlib
 import math
 import os
 import random
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -300,12 +301,15 @@ class _BatchTransform:
     def _transform(self, image: PILImage.Image, row: int | None) -> torch.Tensor:
         if self.seed is None or row is None:
             return self.image_transform(image)
-        seed = int(np.random.SeedSequence([self.seed % 2**63, self.epoch, int(row)]).generate_state(1)[0])
+        # Per image, so kept cheap (benchmarks/data_loading.py): a hash rather than np.random.SeedSequence
+        # (~0.2 ms), the CPU generator alone rather than torch.manual_seed, which seeds every device (~0.25 ms).
+        key = struct.pack("<3Q", self.seed % 2**64, self.epoch % 2**64, int(row) % 2**64)
+        seed = int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "little")
         python_state, numpy_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             random.seed(seed)
             np.random.seed(seed)
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             try:
                 return self.image_transform(image)
             finally:
@@ -384,6 +388,8 @@ def prepare_dataset(
         >>> sorted(row), tuple(row["pixel_values"].shape)
         (['digit', 'pixel_values'], (3, 32, 32))
     """
+    if isinstance(dataset, datasets.IterableDataset):
+        return _prepare_stream(dataset, _as_config(config), train, image_column, labelled_tasks, transform, seed)
     dataset = _require_dataset(dataset, "prepare_dataset")
     config = _as_config(config)
     raw = _raw(dataset)
@@ -400,6 +406,79 @@ def prepare_dataset(
     if seed is not None:
         raw = raw.add_column(ROW_COLUMN, np.arange(len(raw), dtype=np.int64))
     return raw.with_transform(_BatchTransform(labels, image_column, image_transform, seed=seed))
+
+
+# Rows per map call on a stream: one collator batch's worth of decoding at a time.
+STREAM_MAP_BATCH = 16
+
+
+def _prepare_stream(
+    stream: datasets.IterableDataset,
+    config: TimmMultiTaskConfig,
+    train: bool,
+    image_column: str,
+    labelled_tasks: Iterable[str] | None,
+    transform: Callable | None,
+    seed: int | None,
+) -> datasets.IterableDataset:
+    """:func:`prepare_dataset` for a ``datasets.IterableDataset``: the same checks on its features, the
+    transform applied with ``map`` as rows stream by (raw columns dropped)."""
+    if seed is not None:
+        raise ValueError(
+            "prepare_dataset(seed=...) seeds augmentation by row index, which a stream does not have; pass seed=None "
+            "(a stream's augmentation draws from the global generators, seeded by the Trainer)."
+        )
+    if stream.features is None:
+        raise ValueError(
+            "The stream's features are unknown (datasets could not read them from the files); write the data with "
+            "datasets (Dataset.to_parquet keeps features) or pass features=... to load_dataset."
+        )
+    schema = Dataset.from_dict({name: [] for name in stream.features}, features=stream.features)
+    _check_image_column(schema, image_column)
+    labels = _plan_label_columns(schema, config.task_specs, labelled_tasks)
+    image_transform = transform if transform is not None else build_transforms(config, train=train)
+    return stream.map(
+        _BatchTransform(labels, image_column, image_transform), batched=True, batch_size=STREAM_MAP_BATCH,
+        remove_columns=list(stream.features),
+    )
+
+
+def check_worker_picklable(dataset: Any, what: str = "the dataset", workers: int = 1) -> None:
+    """``ValueError`` unless ``dataset``'s transform can be sent to DataLoader worker processes.
+
+    With ``dataloader_num_workers > 0`` a worker started by ``spawn`` or ``forkserver`` (the default on
+    macOS and Windows, and on Linux from Python 3.14) receives the dataset pickled, transform included: a
+    lambda or a function defined inside another one fails there, after training has started. Checked
+    here on the transform of a prepared ``Dataset`` (``with_transform``) or on the whole ``IterableDataset``
+    (a description of files and ``map`` functions).
+
+    Example:
+        >>> from datasets import Dataset
+        >>> ds = Dataset.from_dict({"x": [1, 2]}).with_transform(lambda batch: batch)
+        >>> try:
+        ...     check_worker_picklable(ds, "train_dataset", workers=2)
+        ... except ValueError as e:
+        ...     print(str(e).split(", which")[0])
+        dataloader_num_workers=2 sends train_dataset's transform to worker processes
+    """
+    import pickle
+
+    if isinstance(dataset, Dataset):
+        target = (dataset.format.get("format_kwargs") or {}).get("transform") if dataset.format["type"] == "custom" else None
+    elif isinstance(dataset, datasets.IterableDataset):
+        target = dataset
+    else:
+        return
+    if target is None:
+        return
+    try:
+        pickle.dumps(target)
+    except Exception as e:  # noqa: BLE001 - pickle raises PicklingError, AttributeError, TypeError ...
+        raise ValueError(
+            f"dataloader_num_workers={workers} sends {what}'s transform to worker processes, which needs it to pickle, "
+            f"and it does not ({type(e).__name__}: {e}). Define the transform at module level (not a lambda or a "
+            "function inside another function), or set dataloader_num_workers=0."
+        ) from None
 
 
 def _raw(dataset: Dataset) -> Dataset:

@@ -22,6 +22,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration import TimmMultiTaskConfig
+from .distributed import block_class_names
 from .tasks import TaskSpec, normalize_tasks
 
 logger = logging.get_logger(__name__)
@@ -378,6 +379,8 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
             config.set_data_config(backbone_data_config(self.backbone, config.timm_kwargs.get("img_size")))
         if config.truncate_stage is not None:
             truncate_backbone(self.backbone, config.truncate_stage)
+        # FSDP's wrap units (accelerate's transformer_based_wrap, the Trainer's --fsdp auto_wrap): timm's blocks.
+        self._no_split_modules = block_class_names(self.backbone)
         self.heads = nn.ModuleDict(
             {
                 t.name: TaskHead(self.head_in_features, t.num_outputs, config.head_hidden_size, config.head_dropout)
@@ -584,6 +587,10 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
                 )
             last, stages = self.backbone.forward_intermediates(pixel_values, indices=self._stage_indices(output_hidden_states))
         return self.backbone.forward_head(last, pre_logits=True), tuple(stages)
+
+    def get_input_embeddings(self) -> None:
+        """None: images reach the backbone as pixels, there is no token embedding (accelerate's FSDP2 asks)."""
+        return None
 
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features ``(batch, head_in_features)`` for a batch of images."""

@@ -27,6 +27,8 @@ from transformers.utils import logging
 from .batch_norm import check_bn_policy, freeze_batch_norm, recalibrate_batch_norm
 from .balancing import BALANCERS, build_balancer, load_balancer_state, save_balancer_state
 from .callbacks import GradualUnfreezeCallback
+from .data import check_worker_picklable
+from .distributed import check_fsdp_setup, enable_fsdp_on_cpu, full_state_dict
 from .metrics import build_compute_metrics
 from .optim import layer_decay_param_groups
 from .transfer import STRATEGIES, TransferSummary, apply_transfer_strategy, base_model, is_peft_model, summarize_trainable
@@ -178,6 +180,11 @@ class MultiTaskTrainer(Trainer):
         self.add_callback(_BalancerCallback(self))
         if self.balancer.requires_grad_aggregation:
             self._check_grad_aggregation_setup()
+        check_fsdp_setup(self.args, self.balancer, cpu=self.args.device.type == "cpu")
+        if args.dataloader_num_workers > 0:
+            for what, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
+                for split in dataset.values() if isinstance(dataset, dict) else [dataset]:
+                    check_worker_picklable(split, what, workers=args.dataloader_num_workers)
         seeded = _seeded_transform(self.train_dataset)
         if seeded is not None:
             self.add_callback(_AugmentationEpochCallback(seeded))
@@ -188,6 +195,29 @@ class MultiTaskTrainer(Trainer):
                 )
         self._checked_can_train: str | None | bool = False
         self._bn_recalibrated_at: int | None = None
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator; on CPU, a run that asks for FSDP2 gets it (accelerate alone would run DDP)."""
+        super().create_accelerator_and_postprocess()
+        if enable_fsdp_on_cpu(self.accelerator, self.args):
+            self.is_fsdp_enabled = True
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model``; under FSDP the full model is gathered from the shards by
+        :func:`hf_tlmtl.distributed.full_state_dict` and written by the main process as one
+        ``model.safetensors``: always for the model saved from outside the Trainer (the final one), and for
+        checkpoints with ``FULL_STATE_DICT`` (``SHARDED_STATE_DICT`` checkpoints keep the Trainer's shards)."""
+        if not self.is_fsdp_enabled:
+            super().save_model(output_dir, _internal_call=_internal_call)
+            return
+        full = "FULL_STATE_DICT" in str(self.accelerator.state.fsdp_plugin.state_dict_type)
+        if _internal_call and not full:
+            super().save_model(output_dir, _internal_call=_internal_call)
+            return
+        state_dict = full_state_dict(self.accelerator, self.model)  # a collective: every process takes part
+        self._save(output_dir, state_dict=state_dict)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     # ------------------------------------------------------------------ checks before training
     def check_can_train(self) -> str | None:
@@ -410,11 +440,14 @@ class MultiTaskTrainer(Trainer):
     def _check_grad_aggregation_setup(self) -> None:
         method = self.args.loss_balancing
         if self.args.world_size > 1 or self.args.n_gpu > 1:
+            # Under DDP each process would aggregate its own batch's Jacobian and DDP would then average the
+            # aggregates (not the aggregate of the mean); under FSDP each process holds a shard of the
+            # backbone, so torchjd would see the Jacobian of a slice of the shared parameters only.
             raise ValueError(
                 f"loss_balancing={method!r} aggregates per-task gradients with torchjd in one process; it does not "
-                f"run under distributed or multi-GPU training (world_size={self.args.world_size}, "
+                f"run under distributed (DDP or FSDP) or multi-GPU training (world_size={self.args.world_size}, "
                 f"n_gpu={self.args.n_gpu}). Train on one process and one device, or use "
-                "loss_balancing='static', 'uncertainty' or 'dwa'."
+                "loss_balancing='static', 'uncertainty' or 'dwa' ('static' or 'dwa' with FSDP)."
             )
         if self.args.fp16:
             raise ValueError(

@@ -21,6 +21,7 @@ and puts it back if this run fails first (``hf_tlmtl.run_folder``).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -35,6 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import HfArgumentParser, set_seed  # noqa: E402
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402
@@ -53,8 +55,10 @@ from hf_tlmtl.cli import (  # noqa: E402
 from hf_tlmtl.cli import build_parser as build_dataclass_parser  # noqa: E402
 from hf_tlmtl.curves import plot_training_curves  # noqa: E402
 from hf_tlmtl.data import MultiTaskCollator, build_transforms, prepare_dataset  # noqa: E402
+from hf_tlmtl.distributed import describe_sharding  # noqa: E402
 from hf_tlmtl.run_folder import SET_ASIDE_DIR, DropSetAsideOnSave, drop_set_aside, restore, set_aside  # noqa: E402
 from hf_tlmtl.sources import load_image_dataset, resolve_tasks  # noqa: E402
+from hf_tlmtl.streaming import load_streaming_dataset, read_per_process  # noqa: E402
 from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments  # noqa: E402
 from hf_tlmtl.transfer import SMALL_DATASET_MAX_SAMPLES, is_peft_model, recommend_strategy, summarize_trainable  # noqa: E402
 
@@ -83,6 +87,11 @@ class ModelArguments:
                   "for this data's tasks (heads of same-named, same-size tasks kept). Replaces --backbone."},
     )
     image_size: int | None = field(default=None, metadata={"help": "Input side in pixels (default: the backbone's own)."})
+    channels_last: bool = field(
+        default=False,
+        metadata={"help": "Keep the model's 4-D weights (and so its convolution outputs) in channels_last memory format: "
+                  "faster convolutions on GPUs with bf16/fp16 (tensor cores); no gain on CPU."},
+    )
     head_hidden_size: int | None = field(default=None, metadata={"help": "2-layer MLP heads with this hidden width."})
     head_dropout: float = field(default=0.0, metadata={"help": "Dropout before each head."})
     drop_path_rate: float | None = field(default=None, metadata={"help": "timm stochastic depth rate."})
@@ -132,6 +141,13 @@ class DataArguments:
                   "(size, position, rotation)."},
     )
     verify_images: bool = field(default=True, metadata={"help": "Open every local image once before training."})
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Stream --dataset (Hub id, folder of Parquet/CSV/JSON-lines files or images, one table) with "
+                  "datasets' streaming=True instead of loading it: needs --max_steps and a validation split (read "
+                  "into memory; --n_eval keeps its first rows). Processes split the stream by its files "
+                  "(hf_tlmtl.streaming)."},
+    )
 
 
 @dataclass
@@ -376,7 +392,7 @@ class Run:
     data_args: DataArguments
     run_args: RunArguments
     training_args: MultiTaskTrainingArguments
-    raw: datasets.DatasetDict
+    raw: Any  # DatasetDict; with --streaming {"train": IterableDataset, "validation": Dataset}
     model: TimmMultiTaskModel
     trainer: MultiTaskTrainer
     resume: str | None
@@ -413,27 +429,38 @@ def setup(argv: list[str]) -> Run:
     resume = resolve_resume(training_args)
     check_output_dir(training_args, run_args, resume)
     set_seed(training_args.seed)
+    if data_args.streaming:
+        check_streaming_arguments(data_args, model_args, training_args)
     with training_args.main_process_first(desc="loading the dataset"):
-        raw = load_image_dataset(
-            data_args.dataset,
-            image_column=data_args.image_column,
-            n_train=data_args.n_train,
-            n_eval=data_args.n_eval,
-            image_size=data_args.embedded_image_size,
-            seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
-            validation_fraction=data_args.validation_fraction,
-            verify_images=data_args.verify_images,
-        )
-        raw, tasks = resolve_tasks(raw, data_args.tasks, data_args.image_column)
+        if data_args.streaming:
+            raw, tasks = load_streaming_dataset(data_args.dataset, data_args.image_column, data_args.tasks, data_args.n_eval)
+        else:
+            raw = load_image_dataset(
+                data_args.dataset,
+                image_column=data_args.image_column,
+                n_train=data_args.n_train,
+                n_eval=data_args.n_eval,
+                image_size=data_args.embedded_image_size,
+                seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
+                validation_fraction=data_args.validation_fraction,
+                verify_images=data_args.verify_images,
+            )
+            raw, tasks = resolve_tasks(raw, data_args.tasks, data_args.image_column)
     model = build_model(model_args, tasks)
     crop_note = apply_preprocessing(model_args, model)
+    if model_args.channels_last:
+        model.to(memory_format=torch.channels_last)
     train_transform = None if data_args.augment else build_transforms(model.config, train=False)
     # Augmentation seeded per row (run seed, epoch, row): a resumed run draws the crops an uninterrupted one does.
+    # A stream has no row index: its augmentation draws from the generators the Trainer seeds.
+    row_seed = training_args.seed if data_args.augment and not data_args.streaming else None
     train_ds = prepare_dataset(raw["train"], model.config, train=True, image_column=data_args.image_column,
-                               transform=train_transform, seed=training_args.seed if data_args.augment else None)
+                               transform=train_transform, seed=row_seed)
     eval_ds = prepare_dataset(raw["validation"], model.config, train=False, image_column=data_args.image_column)
     collator = MultiTaskCollator(model.tasks)
-    collator([train_ds[i] for i in range(min(2, len(train_ds)))])  # a first batch, so data errors surface now
+    first = [train_ds[i] for i in range(min(2, len(train_ds)))] if hasattr(train_ds, "__len__") else list(
+        itertools.islice(iter(train_ds), 2))
+    collator(first)  # a first batch, so data errors surface now
     recommendation = None
     if model_args.task_similarity is not None:
         recommendation = recommend_strategy(
@@ -441,7 +468,11 @@ def setup(argv: list[str]) -> Run:
             small_dataset_max_samples=model_args.small_dataset_max_samples,
             dataset=raw["train"], tasks=model.tasks, image_column=data_args.image_column,
         )
-    baselines = baseline_metrics(raw["train"], raw["validation"], model.tasks)
+    # Baselines need the training labels' statistics: a stream is not read ahead for them.
+    baselines = {} if data_args.streaming else baseline_metrics(raw["train"], raw["validation"], model.tasks)
+    if data_args.streaming:
+        # Each process reads its own files when their count divides the processes; else the main one dispatches.
+        training_args.accelerator_config.dispatch_batches = not read_per_process(raw["train"], training_args.world_size)
     push_repo = check_push_to_hub(training_args)
     # The upload happens once, at the end, with hf_tlmtl's card (hf_tlmtl.hub), not at every Trainer save.
     training_args.push_to_hub = False
@@ -472,6 +503,29 @@ def setup(argv: list[str]) -> Run:
                push_repo, batch_note, crop_note)
 
 
+def _rows(split: Any) -> str:
+    if hasattr(split, "__len__"):
+        return str(len(split))
+    return f"streamed ({split.n_shards} file(s))"
+
+
+def check_streaming_arguments(
+    data_args: DataArguments, model_args: ModelArguments, training_args: MultiTaskTrainingArguments
+) -> None:
+    """--streaming: what a stream cannot do, refused before anything is read."""
+    if training_args.max_steps is None or training_args.max_steps <= 0:
+        raise UsageError(
+            "--streaming true needs --max_steps N: a stream has no length, so the Trainer cannot count epochs "
+            "(steps = rows you want to train on / global batch size)"
+        )
+    if data_args.n_train is not None:
+        raise UsageError("--n_train does not apply to --streaming true (a stream is not subset); bound the run with --max_steps")
+    if model_args.task_similarity is not None:
+        raise UsageError("--task_similarity scores the whole training set, which a stream does not hold; drop it with --streaming true")
+    if training_args.cache_features:
+        raise UsageError("--cache_features stores features for a dataset in memory/disk; it does not apply to --streaming true")
+
+
 def describe_plan(run: Run) -> str:
     model, args, raw = run.model, run.training_args, run.raw
     config = model.config
@@ -495,6 +549,9 @@ def describe_plan(run: Run) -> str:
         f"model    : {config.backbone}, {weights}; input {width}x{height}"
         + (f" (crop_pct {crop:g})" if crop is not None else "") + f", augmentation {augmentation}",
         f"data     : {run.data_args.dataset}: {len(raw['train'])} train / {len(raw['validation'])} validation rows",
+        f"model    : {config.backbone}, {weights}; input {width}x{height}, "
+        f"augmentation {'timm' if run.data_args.augment else 'off'}",
+        f"data     : {run.data_args.dataset}: {_rows(raw['train'])} train / {len(raw['validation'])} validation rows",
         "tasks    : " + "; ".join(_describe_task(t) for t in model.tasks),
     ]
     if run.crop_note:
@@ -524,6 +581,9 @@ def describe_plan(run: Run) -> str:
     )
     if run.batch_note:
         lines.append(f"           note: {run.batch_note}")
+    sharding = describe_sharding(run.trainer)
+    if sharding:
+        lines.append(f"sharding : {sharding}")
     if run.resume:
         lines.append(f"resume   : from {run.resume}")
     lines.append(f"output   : {Path(args.output_dir).resolve()}")
@@ -589,7 +649,8 @@ def train_and_save(run: Run) -> dict[str, Any]:
         "train": train_result.metrics,
         "data": {
             "source": run.data_args.dataset,
-            "train_rows": len(run.raw["train"]),
+            "train_rows": len(run.raw["train"]) if hasattr(run.raw["train"], "__len__") else None,
+            "streaming": run.data_args.streaming,
             "validation_rows": len(run.raw["validation"]),
         },
         "transfer": {

@@ -99,7 +99,7 @@ def test_summary_curves_and_readable_report(trained):
 
     out, proc = trained
     info = summary(out)
-    assert info["data"] == {"source": "shapes", "train_rows": 48, "validation_rows": 16}
+    assert info["data"] == {"source": "shapes", "train_rows": 48, "streaming": False, "validation_rows": 16}
     assert set(info["per_task"]) == {"shape", "scale", "marks"}
     assert {"accuracy", "macro_f1"} <= set(info["per_task"]["shape"])
     assert {"mae", "rmse", "r2"} <= set(info["per_task"]["scale"])

@@ -1,0 +1,180 @@
+"""Training past one process: FSDP2 wrap units from timm's blocks, FSDP2 on CPU, what FSDP refuses.
+
+- :func:`block_class_names`: the timm classes that make one FSDP unit each (``_no_split_modules`` of
+  :class:`~hf_tlmtl.TimmMultiTaskModel`), found from the backbone's own ``group_matcher``: the module
+  that holds each fine-grained layer group (a ResNet ``BasicBlock``, a ViT ``Block``, a ConvNeXt
+  ``ConvNeXtBlock``). accelerate's ``transformer_based_wrap`` and the Trainer's ``--fsdp auto_wrap``
+  shard each of them on its own, then the whole model.
+- :func:`enable_fsdp_on_cpu`: accelerate 1.x turns FSDP on for accelerator devices only; on CPU a
+  ``--use_fsdp`` / ``--fsdp`` run silently becomes DDP (``MULTI_CPU``). torch's FSDP2 (``fully_shard``)
+  runs on CPU with gloo, so the Trainer's accelerator is switched to it (CPU only; on GPUs accelerate
+  decides as usual).
+- :func:`check_fsdp_setup`: the combinations that cannot be correct under sharding, refused early.
+
+Example:
+    >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+    >>> m = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
+    >>> block_class_names(m.backbone), sorted(m._no_split_modules)
+    (['BasicBlock', 'Bottleneck'], ['BasicBlock', 'Bottleneck'])
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def block_class_names(backbone: nn.Module) -> list[str]:
+    """Class names of the modules that hold one fine-grained ``group_matcher`` group each (in model order).
+
+    A group's module is the deepest one containing all of the group's parameters; groups held by the
+    whole backbone (stem and head parameters spread over top-level modules) or by a single layer
+    (a lone ``Linear``) give none. A backbone without ``group_matcher`` gives ``[]`` (FSDP then shards
+    the model as one unit).
+
+    Example:
+        >>> import timm
+        >>> block_class_names(timm.create_model("test_vit"))
+        ['Block']
+    """
+    matcher = getattr(backbone, "group_matcher", None)
+    if matcher is None:
+        return []
+    from timm.models import group_parameters
+
+    try:
+        groups = group_parameters(backbone, matcher(coarse=False))
+    except Exception:  # noqa: BLE001 - a model's matcher that does not fit its (pruned) layers: no blocks
+        return []
+    modules = dict(backbone.named_modules())
+    names: list[str] = []
+    for params in groups.values():
+        owners = [name.rsplit(".", 1)[0].split(".") if "." in name else [] for name in params]
+        prefix = os.path.commonprefix(owners) if owners else []
+        # peft's LoRA layers sit between a block and its weights; the block is still the unit.
+        module = modules.get(".".join(prefix)) if prefix else None
+        # A plain container class (Sequential) would make every Sequential of the model a unit.
+        if module is None or next(module.children(), None) is None or type(module) in _CONTAINERS:
+            continue
+        if type(module).__name__ not in names:
+            names.append(type(module).__name__)
+    return names
+
+
+def fsdp_requested(args: Any) -> bool:
+    """Whether this run asks for FSDP: the Trainer's ``--fsdp`` or ``accelerate launch --use_fsdp``."""
+    if getattr(args, "fsdp_plugin_args", None) is not None:
+        return True
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def fsdp_version(args: Any) -> int:
+    """The FSDP version asked for: the Trainer's (``fsdp_config['version']``, default 2) or accelerate's
+    (``accelerate launch --fsdp_version``, default 1)."""
+    plugin_args = getattr(args, "fsdp_plugin_args", None) or {}
+    return int(plugin_args.get("fsdp_version") or os.environ.get("FSDP_VERSION", "1"))
+
+
+def enable_fsdp_on_cpu(accelerator: Any, args: Any) -> bool:
+    """Switch a CPU (``MULTI_CPU``, gloo) accelerator whose run asked for FSDP2 to accelerate's FSDP2 path.
+
+    accelerate sets ``DistributedType.FSDP`` only on accelerator devices; its FSDP2 preparation
+    (``fully_shard`` per wrap unit, DTensor parameters, sharded / full state dicts) itself works on
+    CPU. Returns whether it switched; does nothing on GPUs or without an FSDP request.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU or not fsdp_requested(args):
+        return False
+    plugin_args = getattr(args, "fsdp_plugin_args", None)
+    plugin = FullyShardedDataParallelPlugin(**plugin_args) if plugin_args else FullyShardedDataParallelPlugin()
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    # Every later AcceleratorState() copies PartialState's shared fields over its own: switch both.
+    PartialState().distributed_type = DistributedType.FSDP
+    return True
+
+
+def check_fsdp_setup(args: Any, balancer: Any, cpu: bool) -> None:
+    """``ValueError`` for FSDP runs that cannot train correctly, each naming what to change.
+
+    - FSDP1 on CPU: only FSDP2 (``fully_shard``) runs there.
+    - LoRA: it trains, but its save and merge from FSDP shards are not supported (yet).
+    - Learnable balancer parameters (``uncertainty``): they live outside the model, and FSDP's optimizer
+      mapping and its (sharded) optimizer checkpoints cover the model's parameters only.
+    - Gradient aggregation (torchjd: ``upgrad``, ``mgda`` ...) is refused by the trainer for every
+      multi-process run (each process would aggregate its own shard's Jacobian).
+    """
+    if not fsdp_requested(args):
+        return
+    if cpu and fsdp_version(args) != 2:
+        raise ValueError(
+            "FSDP on CPU runs with FSDP2 (torch's fully_shard) only: use `--fsdp true` without fsdp_config "
+            "'version': 1 (FSDP2 is the Trainer's default), `accelerate launch --use_fsdp --fsdp_version 2`, or "
+            "`accelerate launch --config_file recipes/configs/accelerate/fsdp2.yaml`."
+        )
+    if getattr(args, "transfer_strategy", None) == "lora":
+        # Measured: LoRA trains under FSDP2 on CPU, but peft's save of the sharded adapter and the merge
+        # into a full model both read DTensor storage that FSDP frees, so the run would end in an error.
+        raise ValueError(
+            "transfer_strategy='lora' is not supported with FSDP yet (the adapter trains, but saving and merging it "
+            "from the shards fails): train LoRA with DDP (`accelerate launch --multi_gpu`, the adapter is small), "
+            "or use transfer_strategy 'partial' / 'feature_extraction' / 'fine_tune' with FSDP."
+        )
+    if any(p.requires_grad for p in balancer.parameters()):
+        raise ValueError(
+            f"loss_balancing={args.loss_balancing!r} learns its task weights as parameters outside the model, which "
+            "FSDP's sharded optimizer and checkpoints do not cover: use loss_balancing 'static' or 'dwa' with FSDP, "
+            "or train with DDP (`accelerate launch --multi_gpu`)."
+        )
+
+
+def describe_sharding(trainer: Any) -> str | None:
+    """One line on how an FSDP trainer shards the model (None without FSDP).
+
+    Example:
+        >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+        >>> from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
+        >>> m = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
+        >>> describe_sharding(MultiTaskTrainer(model=m, args=MultiTaskTrainingArguments("/tmp/d", report_to="none"))) is None
+        True
+    """
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return None
+    plugin = trainer.accelerator.state.fsdp_plugin
+    units = sorted(getattr(trainer.model, "_no_split_modules", None) or [])
+    policy = getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy)
+    wrap = f"one unit per {', '.join(units)} block" if units and policy is not None else "the model as one unit"
+    state_dict = str(plugin.state_dict_type).rsplit(".", 1)[-1]
+    return (f"FSDP{plugin.fsdp_version} over {trainer.args.world_size} processes, {wrap}; checkpoints {state_dict}, "
+            "final model one model.safetensors")
+
+
+def full_state_dict(accelerator: Any, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights, on CPU, in every process: FSDP2's sharded parameters gathered (a collective).
+
+    Not ``accelerator.get_state_dict``: on CPU its FSDP2 path returns tensors whose storage FSDP frees
+    again (``cpu_offload`` copies nothing when the weights already are on CPU), and safetensors then
+    fails with "invalid python storage". Each shard is gathered here and copied.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if not getattr(accelerator, "is_fsdp2", False):
+        return accelerator.get_state_dict(model, unwrap=True)
+    return {
+        name: (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu().clone()
+        for name, tensor in model.state_dict().items()
+    }
+
+
+__all__ = ["block_class_names", "check_fsdp_setup", "describe_sharding", "enable_fsdp_on_cpu", "fsdp_requested", "fsdp_version", "full_state_dict"]

@@ -1,0 +1,113 @@
+"""FSDP2 (torch's ``fully_shard``) through recipes/finetune.py on CPU: 2 real processes, gloo.
+
+Run A: ``accelerate launch --config_file recipes/configs/accelerate/fsdp2.yaml`` (accelerate's FSDP2,
+sharded checkpoints), ``test_vit`` with ``transfer_strategy partial`` (stem and lower blocks frozen, top
+blocks and heads train: FSDP2 with mixed ``requires_grad``), 2 processes x 4 images.
+Run B: the same on one process x 8 images. ViT normalises per image (LayerNorm, no BatchNorm), so the
+sharded run computes the mean gradient of the same 8 images: weights and eval metrics agree to float
+rounding. TOLERANCE is 1e-4 absolute, as in the DDP test: the reduce-scatter sums in another order, and
+Adam divides by the root of tiny second moments where a gradient is near zero (attention key biases get
+none in exact arithmetic), so those weights differ by up to ~1e-5 (measured); the weights the runs
+trained moved by ~7e-3, 70x more. Eval metrics agree to ~1e-7.
+Run C: the Trainer's own ``--fsdp`` (FSDP2 by default) (2 processes, ``accelerate launch --multi_gpu``) resumes A's
+sharded checkpoint-2 and ends on A's final weights.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recipe_utils import ACCELERATE, FINETUNE, REPO, TINY, check_ok, recipe_env, run_finetune, summary
+
+FSDP_CONFIG = REPO / "recipes" / "configs" / "accelerate" / "fsdp2.yaml"
+COMMON = [
+    *TINY,
+    "--backbone", "test_vit", "--dataset", "shapes", "--n_train", "32", "--n_eval", "8", "--tasks", "shape,scale",
+    "--transfer_strategy", "partial", "--trainable_groups", "3", "--learning_rate", "0.01",
+    "--per_device_eval_batch_size", "4",
+]
+# 32 rows, global batch 8: 4 steps; checkpoints at 2 and 4.
+TWO = [*COMMON, "--per_device_train_batch_size", "4", "--save_strategy", "steps", "--save_steps", "2"]
+TOLERANCE = 1e-4
+
+
+def _launch(launcher: list[str], args: list, output_dir) -> list[str]:
+    return [str(ACCELERATE), "launch", *launcher, "--main_process_port", "0", str(FINETUNE), *map(str, args),
+            "--output_dir", str(output_dir)]
+
+
+def _run(cmd: list[str], tmp) -> subprocess.CompletedProcess:
+    return check_ok(subprocess.run(cmd, cwd=tmp, env=recipe_env(tmp), capture_output=True, text=True, timeout=300))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    sharded, single, resumed = tmp / "fsdp", tmp / "one_process", tmp / "resumed"
+    a = _run(_launch(["--config_file", str(FSDP_CONFIG)], TWO, sharded), tmp)
+    check_ok(run_finetune([*COMMON, "--per_device_train_batch_size", "8", "--save_strategy", "steps", "--save_steps", "2",
+                           "--output_dir", single], tmp))
+    (tmp / "sharded.json").write_text(json.dumps({"state_dict_type": "SHARDED_STATE_DICT"}))
+    trainer_fsdp = ["--fsdp", "--fsdp_config", str(tmp / "sharded.json"),
+                    "--resume_from_checkpoint", str(sharded / "checkpoint-2")]
+    c = _run(_launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                      "--dynamo_backend", "no"], [*TWO, *trainer_fsdp], resumed), tmp)
+    return sharded, single, resumed, a, c
+
+
+def test_both_launchers_shard_with_fsdp2_over_timm_blocks(runs):
+    sharded, _, resumed, a, c = runs
+    for proc in (a, c):
+        assert "sharding : FSDP2 over 2 processes, one unit per Block block; checkpoints SHARDED_STATE_DICT" in proc.stdout
+    assert summary(sharded)["world_size"] == 2 and summary(resumed)["world_size"] == 2
+    # A sharded checkpoint holds one shard file per process, no full weights file.
+    shards = sorted(p.name for p in (sharded / "checkpoint-2" / "pytorch_model_fsdp_0").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (sharded / "checkpoint-2" / "model.safetensors").exists()
+
+
+def test_fsdp_weights_and_metrics_equal_one_process(runs):
+    sharded, single, _, _, _ = runs
+    a, b = load_file(sharded / "model.safetensors"), load_file(single / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=TOLERANCE, msg=key)
+    # The partial strategy held under sharding: the frozen stem and first block are bit-equal to the
+    # one-process run's (which did not move them after its checkpoint-2); the top block and heads trained.
+    halfway = load_file(single / "checkpoint-2" / "model.safetensors")
+    frozen = [k for k in a if k.startswith(("backbone.patch_embed.", "backbone.blocks.0."))]
+    trained = [k for k in a if k.startswith(("backbone.blocks.5.", "heads."))]
+    assert frozen and trained
+    assert all(torch.equal(a[k], b[k]) and torch.equal(b[k], halfway[k]) for k in frozen)
+    assert all(not torch.equal(b[k], halfway[k]) for k in trained)
+    eval_a, eval_b = summary(sharded)["eval"], summary(single)["eval"]
+    compared = [k for k in eval_b if k.startswith(("eval_loss", "eval_shape_", "eval_scale_"))]
+    assert len(compared) >= 4
+    for key in compared:
+        assert eval_a[key] == pytest.approx(eval_b[key], abs=1e-4), key
+
+
+def test_final_model_loads_on_one_process(runs):
+    import transformers
+
+    import hf_tlmtl  # noqa: F401
+
+    sharded, _, _, _, _ = runs
+    model = transformers.AutoModel.from_pretrained(sharded)
+    assert model.task_names == ["shape", "scale"]
+    saved = load_file(sharded / "model.safetensors")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+
+
+def test_resume_from_sharded_checkpoint_ends_on_the_same_weights(runs):
+    sharded, _, resumed, _, _ = runs
+    assert summary(resumed)["resumed_from"].endswith("checkpoint-2")
+    expected, got = load_file(sharded / "model.safetensors"), load_file(resumed / "model.safetensors")
+    different = [k for k in expected if not torch.equal(got[k], expected[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
