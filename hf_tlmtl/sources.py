@@ -51,7 +51,7 @@ def embedded_dataset_names() -> list[str]:
 
     Example:
         >>> embedded_dataset_names()
-        ['digits', 'photos', 'shapes']
+        ['digits', 'photos', 'shapes', 'shapes_affinity']
     """
     from . import embedded
 

@@ -206,7 +206,9 @@ class MultiTaskTrainer(Trainer):
         """``Trainer.save_model``; under FSDP the full model is gathered from the shards by
         :func:`hf_tlmtl.distributed.full_state_dict` and written by the main process as one
         ``model.safetensors``: always for the model saved from outside the Trainer (the final one), and for
-        checkpoints with ``FULL_STATE_DICT`` (``SHARDED_STATE_DICT`` checkpoints keep the Trainer's shards)."""
+        checkpoints with ``FULL_STATE_DICT`` (``SHARDED_STATE_DICT`` checkpoints keep the Trainer's shards).
+        With ``bn='recalibrate'`` (refused under FSDP) :meth:`recalibrate_batch_norm` runs first."""
+        self.recalibrate_batch_norm()
         if not self.is_fsdp_enabled:
             super().save_model(output_dir, _internal_call=_internal_call)
             return
@@ -345,10 +347,6 @@ class MultiTaskTrainer(Trainer):
         self.recalibrate_batch_norm()
         return super().evaluate(*args, **kwargs)
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """``Trainer.save_model``, after :meth:`recalibrate_batch_norm` with ``bn='recalibrate'``."""
-        self.recalibrate_batch_norm()
-        super().save_model(output_dir, _internal_call)
 
     @staticmethod
     def _use_feature_caches(base: Any, args: MultiTaskTrainingArguments, kwargs: dict[str, Any]) -> None:

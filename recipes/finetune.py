@@ -548,9 +548,6 @@ def describe_plan(run: Run) -> str:
         "== hf_tlmtl finetune ==",
         f"model    : {config.backbone}, {weights}; input {width}x{height}"
         + (f" (crop_pct {crop:g})" if crop is not None else "") + f", augmentation {augmentation}",
-        f"data     : {run.data_args.dataset}: {len(raw['train'])} train / {len(raw['validation'])} validation rows",
-        f"model    : {config.backbone}, {weights}; input {width}x{height}, "
-        f"augmentation {'timm' if run.data_args.augment else 'off'}",
         f"data     : {run.data_args.dataset}: {_rows(raw['train'])} train / {len(raw['validation'])} validation rows",
         "tasks    : " + "; ".join(_describe_task(t) for t in model.tasks),
     ]
@@ -571,7 +568,10 @@ def describe_plan(run: Run) -> str:
         lines.append("advice   : pass --task_similarity measured (or similar|different|0..1) for recommend_strategy's transfer advice")
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     if args.max_steps > 0:  # max_steps wins over num_train_epochs in the Trainer
-        length = f"{args.max_steps} steps (max_steps; {args.max_steps * global_batch / max(len(raw['train']), 1):.1f} epochs)"
+        length = f"{args.max_steps} steps (max_steps"
+        if hasattr(raw["train"], "__len__"):  # a stream has no length
+            length += f"; {args.max_steps * global_batch / max(len(raw['train']), 1):.1f} epochs"
+        length += ")"
     else:
         length = f"{args.num_train_epochs:g} epochs"
     lines.append(
