@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -96,9 +95,7 @@ def reference_model(results: dict[str, Any]) -> Any:
 
 def summarize(case: dict[str, Any], threshold: int, model: Any = None) -> None:
     for result in case["variants"].values():
-        values = [r["metric"] for r in result["runs"]]
-        result["mean"] = statistics.fmean(values)
-        result["std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        result["mean"], result["std"] = ts._mean_std([r["metric"] for r in result["runs"]])
     case["winner"] = max(case["variants"], key=lambda v: case["variants"][v]["mean"])
     measurement = ts.transferability.SimilarityMeasurement(**case["measurement"])
     measurement.similarity = ts.transferability.similarity_from_gain(measurement.gain)
@@ -109,20 +106,10 @@ def summarize(case: dict[str, Any], threshold: int, model: Any = None) -> None:
 
 
 def _verdict(case: dict[str, Any], advised: str, rec: Any) -> dict[str, Any]:
-    best = case["variants"][case["winner"]]
-    record: dict[str, Any] = {"variant": advised, "case": rec.case, "reason": rec.reason}
-    if advised not in case["variants"]:
-        record["verdict"], record["gap"] = "not measured", None
-        return record
-    chosen = case["variants"][advised]
-    record["gap"] = best["mean"] - chosen["mean"]
-    if advised == case["winner"]:
-        record["verdict"] = "agrees"
-    elif record["gap"] <= max(best["std"], chosen["std"]):
-        record["verdict"] = "within noise"
-    else:
-        record["verdict"] = "disagrees"
-    return record
+    """The transfer study's verdict (agrees / within noise / disagrees / not measured) on this case's variants."""
+    verdict, gap = ts.verdict({"contenders": case["variants"], "winner": case["winner"]}, advised, lower_is_better=False)
+    return {"variant": advised, "case": rec.case, "reason": rec.reason, "verdict": verdict,
+            "gap": None if math.isnan(gap) else gap}
 
 
 def markdown(results: dict[str, Any]) -> str:

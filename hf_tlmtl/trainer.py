@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from itertools import islice
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -324,8 +325,6 @@ class MultiTaskTrainer(Trainer):
         step = self.state.global_step
         if self._bn_recalibrated_at == step:
             return 0
-        from itertools import islice
-
         loader = torch.utils.data.DataLoader(
             self.train_dataset,
             batch_size=self.args.per_device_eval_batch_size,

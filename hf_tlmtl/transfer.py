@@ -257,12 +257,16 @@ def resolve_keep_depth(model: nn.Module, keep_depth: float) -> int:
         >>> resolve_keep_depth(m, 0.5), resolve_keep_depth(m, 0.75)
         (2, 3)
     """
+    return _nearest_cut(model, keep_depth).stage
+
+
+def _nearest_cut(model: nn.Module, keep_depth: float) -> TruncationPoint:
     if isinstance(keep_depth, bool) or not isinstance(keep_depth, numbers.Real) or not 0.0 < keep_depth < 1.0:
         raise ValueError(f"keep_depth must be a number in (0, 1) (share of the backbone's depth kept), got {keep_depth!r}.")
     points = truncation_points(model)
     if not points:
         raise ValueError(f"Backbone {base_model(model).config.backbone!r} cannot be truncated (no prune_intermediate_layers).")
-    return min(points, key=lambda p: (abs(p.kept_depth - keep_depth), -p.stage)).stage
+    return min(points, key=lambda p: (abs(p.kept_depth - keep_depth), -p.stage))
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -472,8 +476,8 @@ def _truncate(model: nn.Module, truncate_stage: int | None, keep_depth: float | 
     backbone = base.backbone
     notes = []
     if keep_depth is not None:
-        truncate_stage = resolve_keep_depth(base, keep_depth)
-        point = truncation_points(base)[truncate_stage]
+        point = _nearest_cut(base, keep_depth)  # one pass over the cuts, each pruned on the meta device
+        truncate_stage = point.stage
         notes.append(
             f"keep_depth={keep_depth:g} -> truncate_stage={truncate_stage} (after {point.module}): "
             f"{100 * point.kept_depth:.0f}% of the depth kept"
@@ -791,12 +795,23 @@ def input_resolution_fraction(model: nn.Module) -> float | None:
         >>> input_resolution_fraction(m)  # test_resnet's native input is 160 px
         0.25
     """
-    base = base_model(model)
-    native = (getattr(base.backbone, "pretrained_cfg", None) or {}).get("input_size")
-    current = (base.config.data_config or {}).get("input_size")
+    native = native_input_side(model)
+    current = (base_model(model).config.data_config or {}).get("input_size")
     if not native or not current:
         return None
-    return min(current[1:]) / min(native[1:])
+    return min(current[1:]) / native
+
+
+def native_input_side(model: nn.Module) -> int | None:
+    """The shorter side of the input the backbone was pretrained at (timm's ``pretrained_cfg``), or None.
+
+    Example:
+        >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+        >>> native_input_side(TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")], image_size=40))
+        160
+    """
+    native = (getattr(base_model(model).backbone, "pretrained_cfg", None) or {}).get("input_size")
+    return min(native[1:]) if native else None
 
 
 def _study_case(small: bool, similar: bool, size: str, sim: str, model: nn.Module | None) -> Recommendation:

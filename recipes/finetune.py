@@ -60,7 +60,13 @@ from hf_tlmtl.run_folder import SET_ASIDE_DIR, DropSetAsideOnSave, drop_set_asid
 from hf_tlmtl.sources import load_image_dataset, resolve_tasks  # noqa: E402
 from hf_tlmtl.streaming import load_streaming_dataset, read_per_process  # noqa: E402
 from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments  # noqa: E402
-from hf_tlmtl.transfer import SMALL_DATASET_MAX_SAMPLES, is_peft_model, recommend_strategy, summarize_trainable  # noqa: E402
+from hf_tlmtl.transfer import (  # noqa: E402
+    SMALL_DATASET_MAX_SAMPLES,
+    is_peft_model,
+    native_input_side,
+    recommend_strategy,
+    summarize_trainable,
+)
 
 SUMMARY_FILE = "training_summary.json"
 CURVES_FILE = "training_curves.png"
@@ -338,11 +344,11 @@ def apply_preprocessing(model_args: ModelArguments, model: TimmMultiTaskModel) -
             raise UsageError(f"--crop_pct must be in (0, 1] (the centre-crop fraction), got {model_args.crop_pct}")
         data_config["crop_pct"] = model_args.crop_pct
         return None
-    native = (getattr(model.backbone, "pretrained_cfg", None) or {}).get("input_size")
+    native = native_input_side(model)
     side = min(data_config["input_size"][1:])
-    if model_args.image_size and native and side < min(native[1:]) and data_config.get("crop_pct", 1.0) < 1.0:
+    if model_args.image_size and native and side < native and data_config.get("crop_pct", 1.0) < 1.0:
         note = (f"crop_pct {data_config['crop_pct']} -> 1.0: input {side} px is below the backbone's native "
-                f"{min(native[1:])} px, so the whole image is kept (pass --crop_pct to choose)")
+                f"{native} px, so the whole image is kept (pass --crop_pct to choose)")
         data_config["crop_pct"] = 1.0
         return note
     return None
