@@ -40,7 +40,16 @@ FROZEN_BATCH_NORM = (FrozenBatchNorm2d, FrozenBatchNormAct2d)
 
 
 def check_bn_policy(bn: str) -> str:
-    """``bn`` itself, or a ``ValueError`` naming the valid policies."""
+    """``bn`` itself, or a ``ValueError`` naming the valid policies.
+
+    Example:
+        >>> check_bn_policy("frozen")
+        'frozen'
+        >>> check_bn_policy("off")
+        Traceback (most recent call last):
+        ...
+        ValueError: Unknown BatchNorm policy bn='off'; valid policies: ['train', 'frozen', 'recalibrate'].
+    """
     if bn not in BN_POLICIES:
         raise ValueError(f"Unknown BatchNorm policy bn={bn!r}; valid policies: {list(BN_POLICIES)}.")
     return bn
@@ -53,12 +62,26 @@ def _backbone(model: nn.Module) -> nn.Module:
 
 
 def batch_norm_layers(model: nn.Module) -> dict[str, _BatchNorm]:
-    """The backbone's BatchNorm layers that still train (not frozen), by backbone-relative name."""
+    """The backbone's BatchNorm layers that still train (not frozen), by backbone-relative name.
+
+    Example:
+        >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+        >>> m = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
+        >>> sorted(batch_norm_layers(m))[:2]
+        ['bn1', 'conv1.1']
+    """
     return {name: m for name, m in _backbone(model).named_modules() if isinstance(m, _BatchNorm)}
 
 
 def frozen_batch_norm_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The backbone's frozen BatchNorm layers (``FrozenBatchNorm2d`` / ``FrozenBatchNormAct2d``), by name."""
+    """The backbone's frozen BatchNorm layers (``FrozenBatchNorm2d`` / ``FrozenBatchNormAct2d``), by name.
+
+    Example:
+        >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+        >>> m = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
+        >>> len(frozen_batch_norm_layers(m)), freeze_batch_norm(m), sorted(frozen_batch_norm_layers(m))[0]
+        (0, 15, 'bn1')
+    """
     return {name: m for name, m in _backbone(model).named_modules() if isinstance(m, FROZEN_BATCH_NORM)}
 
 
