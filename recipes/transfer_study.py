@@ -45,7 +45,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,7 @@ from transformers import set_seed
 import hf_tlmtl  # noqa: F401 - registers the Auto classes
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
 from hf_tlmtl.cli import YAML_SUFFIXES, UsageError, build_parser, parse_experiment_argv, run_or_exit
-from hf_tlmtl.data import MultiTaskCollator, prepare_dataset
+from hf_tlmtl.data import MultiTaskCollator, build_transforms, prepare_dataset
 from hf_tlmtl.metrics import LOWER_IS_BETTER, MAIN_METRIC
 from hf_tlmtl.sources import infer_tasks, load_image_dataset
 from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
@@ -160,7 +160,12 @@ class StudyArguments:
         default=None, metadata={"help": "recommend_strategy's small/large threshold (None: midpoint of the two sizes)."}
     )
     channels_last: bool = field(default=True, metadata={"help": "Models in channels_last memory format (about 2x faster for EfficientNet on CPU)."})
-    num_threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (None: torch's default)."})
+    num_threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads per process (None: torch's default)."})
+    workers: int = field(
+        default=1,
+        metadata={"help": "Processes that run (source, target, size, seed) units side by side (the shipped config: 2, "
+                  "one per core, with --num_threads 1). Results do not depend on it."},
+    )
     results_dir: str | None = field(default=None, metadata={"help": "Where results.md/png/json go (None: --output_dir)."})
     report_only: bool = field(default=False, metadata={"help": "Render results.md/png again from results.json (current calibration); train nothing."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing results.json."})
@@ -292,14 +297,16 @@ def check_arguments(study: StudyArguments, output_dir: Path) -> tuple[list[str],
         raise UsageError(f"--seeds needs one or more distinct integers, got {study.seeds!r}")
     if not 1 <= study.small_size < study.large_size:
         raise UsageError(f"need 1 <= --small_size < --large_size, got {study.small_size} and {study.large_size}")
-    if min(study.small_steps, study.large_steps, study.n_eval, study.source_epochs) < 1:
-        raise UsageError("--small_steps, --large_steps, --n_eval and --source_epochs must be >= 1")
+    if min(study.small_steps, study.large_steps, study.n_eval, study.source_epochs, study.workers) < 1:
+        raise UsageError("--small_steps, --large_steps, --n_eval, --source_epochs and --workers must be >= 1")
     threshold = study.small_dataset_max_samples or (study.small_size + study.large_size + 1) // 2
     if not study.small_size < threshold <= study.large_size:
         raise UsageError(
             f"--small_dataset_max_samples={threshold} must lie in ({study.small_size}, {study.large_size}] so that "
             "the small size counts as small and the large one as large"
         )
+    if study.workers > 1 and not study.report_only:
+        _check_importable_by_workers(study.workers)
     results_dir = Path(study.results_dir) if study.results_dir else output_dir
     if study.report_only:
         if not (results_dir / "results.json").is_file():
@@ -551,6 +558,23 @@ def _recommendation_record(rec: Any) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------- runs
+_MATERIALIZED: dict[tuple[str, str], list[dict[str, Any]]] = {}
+"""Per process: prepared rows by (dataset fingerprint, transform), reused by every contender and seed."""
+
+
+def materialized(prepared: Dataset, config: Any, study: StudyArguments) -> list[dict[str, Any]]:
+    """The rows of ``prepared`` (``prepare_dataset(..., train=False)``: deterministic, no augmentation) read once
+    and kept in memory, so that the contenders of a unit and the units of a worker do not decode and resize the
+    same images again (about a tenth of the study's time). A list of rows is a map-style dataset for the
+    Trainer: same length, same sampler order, same tensors as ``prepared`` itself."""
+    key = (prepared._fingerprint, repr(build_transforms(config, train=False)))
+    if key not in _MATERIALIZED:
+        if len(_MATERIALIZED) > 16:  # a few splits x architectures; bound the memory of long runs
+            _MATERIALIZED.pop(next(iter(_MATERIALIZED)))
+        _MATERIALIZED[key] = [prepared[i] for i in range(prepared.num_rows)]
+    return _MATERIALIZED[key]
+
+
 def run_once(
     study: StudyArguments,
     contender: str,
@@ -579,16 +603,18 @@ def run_once(
         model = transfer_model(study, source, target.task)
     if study.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    prepared = prepare_dataset(train, model.config, train=False, image_column=study.image_column)
     trainer = MultiTaskTrainer(
         model=model,
         args=args,
-        train_dataset=prepare_dataset(train, model.config, train=False, image_column=study.image_column),
+        # feature_extraction caches backbone features from the images; every other contender reads tensors.
+        train_dataset=prepared if args.cache_features else materialized(prepared, model.config, study),
         data_collator=MultiTaskCollator(model.tasks),
     )
     trainer.train()
     wall_seconds = time.perf_counter() - start
     # The images go through the (frozen, for feature_extraction) backbone: the same features the cache holds.
-    evaluation = prepare_dataset(target.validation, model.config, train=False, image_column=study.image_column)
+    evaluation = materialized(prepare_dataset(target.validation, model.config, train=False, image_column=study.image_column), model.config, study)
     metrics = {k.removeprefix("eval_"): v for k, v in trainer.evaluate(eval_dataset=evaluation).items()}
     summary = trainer.transfer_summary
     return {
@@ -600,6 +626,144 @@ def run_once(
         "wall_seconds": wall_seconds,
         "steps": trainer.state.global_step,
     }
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One independent piece of the study: the scores and every contender on one (source, target, size, seed)."""
+
+    source: str
+    target: str
+    size: str
+    n_train: int
+    steps: int
+    seed: int
+    train_path: str  # the seed's training subset, written once by the main process and shared by both sources
+
+
+@dataclass
+class UnitContext:
+    """What every unit needs; sent once to each worker process (datasets travel as their memory-mapped files)."""
+
+    study: StudyArguments
+    training_argv: list[str]
+    output_dir: Path
+    contenders: list[str]
+    sources: list[Source]
+    targets: list[Target]
+
+
+SIZES = ("small", "large")
+
+
+def study_units(study: StudyArguments, sources: list[Source], targets: list[Target], seeds: list[int], output_dir: Path) -> list[Unit]:
+    """Every (source, target, size, seed) in report order; each training subset written to disk once."""
+    sizes = {"small": (study.small_size, study.small_steps), "large": (study.large_size, study.large_steps)}
+    paths = {}
+    for target in targets:
+        for size in SIZES:
+            for seed in seeds:
+                folder = output_dir / "data" / target.name / f"{size}-seed{seed}"  # feature caches go beside it
+                on_disk(training_subset(target.train, target.task, sizes[size][0], seed), folder)
+                paths[target.name, size, seed] = str(folder)
+    return [
+        Unit(source.name, target.name, size, sizes[size][0], sizes[size][1], seed, paths[target.name, size, seed])
+        for source in sources for target in targets for size in SIZES for seed in seeds
+    ]
+
+
+def run_unit(context: UnitContext, unit: Unit) -> dict[str, Any]:
+    """The transferability scores, then every contender, on one unit: ``{"scores": ..., "runs": {contender: run}}``."""
+    source = next(s for s in context.sources if s.name == unit.source)
+    target = next(t for t in context.targets if t.name == unit.target)
+    train = load_from_disk(unit.train_path)
+    label = f"{unit.source} -> {unit.target}, {unit.size}, seed {unit.seed}"
+    print(f"== {label}: scores", flush=True)
+    outcome: dict[str, Any] = {"scores": transferability_scores(context.study, source, target, train, context.output_dir / "features"), "runs": {}}
+    for contender in context.contenders:
+        print(f"== {label}: {contender}", flush=True)
+        run = run_once(context.study, contender, source, target, train, unit.steps, unit.seed, context.training_argv,
+                       context.output_dir / "runs" / unit.source / unit.target / unit.size / contender / f"seed{unit.seed}")
+        if not math.isfinite(run["metric"]):
+            raise RuntimeError(f"{label} {contender}: non-finite metric {run['metric']}")
+        outcome["runs"][contender] = run
+    return outcome
+
+
+_WORKER_CONTEXT: UnitContext | None = None
+
+
+def _start_worker(context: UnitContext) -> None:
+    """Worker initialiser: one process per core, ``--num_threads`` torch threads each, the source classifiers
+    rebuilt here (they are not sent between processes)."""
+    global _WORKER_CONTEXT
+    if context.study.num_threads:
+        torch.set_num_threads(context.study.num_threads)
+    for source in context.sources:
+        attach_source_details(context.study, source, context.targets[0].task)
+    _WORKER_CONTEXT = context
+
+
+def _run_in_worker(unit: Unit) -> dict[str, Any]:
+    assert _WORKER_CONTEXT is not None, "_start_worker did not run"
+    return run_unit(_WORKER_CONTEXT, unit)
+
+
+def _check_importable_by_workers(workers: int) -> None:
+    """Spawned workers import this file again by its module name, so its folder goes on their ``sys.path``;
+    a module loaded under another name (``importlib`` from a path) cannot be found there."""
+    from importlib.machinery import PathFinder
+
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    # PathFinder looks on sys.path only, as a fresh process does (importlib.util.find_spec sees sys.modules too).
+    if __name__ != "__main__" and PathFinder.find_spec(__name__) is None:
+        raise UsageError(f"--workers {workers} needs this recipe run as a script (python recipes/transfer_study.py) "
+                         f"or imported as 'transfer_study'; it was loaded as {__name__!r}. Pass --workers 1 here")
+
+
+def run_units(context: UnitContext, units: list[Unit], workers: int) -> list[dict[str, Any]]:
+    """Every unit's outcome, in ``units`` order. With ``workers > 1`` the units run in that many spawned
+    processes, longest first (large cases, then the order given); each run is seeded by its unit alone, so
+    the outcome is the one a single process gives."""
+    if workers <= 1 or len(units) <= 1:
+        return [run_unit(context, unit) for unit in units]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    _check_importable_by_workers(workers)
+    shipped = UnitContext(
+        context.study, context.training_argv, context.output_dir, context.contenders,
+        [replace(s, classifier=None) for s in context.sources], context.targets,
+    )
+    order = sorted(range(len(units)), key=lambda i: (-units[i].steps, i))
+    with ProcessPoolExecutor(min(workers, len(units)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_start_worker, initargs=(shipped,)) as pool:
+        futures = {i: pool.submit(_run_in_worker, units[i]) for i in order}
+        return [futures[i].result() for i in range(len(units))]
+
+
+def assemble_cases(
+    study: StudyArguments, sources: list[Source], targets: list[Target], contenders: list[str],
+    units: list[Unit], outcomes: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """The per-(source, target, size) case records, seeds in order, from the units' outcomes."""
+    cases = []
+    for source in sources:
+        for target in targets:
+            for size in SIZES:
+                mine = [(u, o) for u, o in zip(units, outcomes) if (u.source, u.target, u.size) == (source.name, target.name, size)]
+                declared = "similar" if target.name in DECLARED_SIMILAR.get(source.name, set()) else "different"
+                cases.append({
+                    "source": source.name, "target": target.name, "size": size, "n_train": mine[0][0].n_train,
+                    "n_eval": target.validation.num_rows, "steps": mine[0][0].steps, "declared": declared,
+                    "architecture": source.architecture[0],
+                    "chance": 1.0 / target.task.num_outputs if target.task.type == "classification" else None,
+                    "scores": [o["scores"] for _, o in mine],
+                    "contenders": {c: {"runs": [o["runs"][c] for _, o in mine]} for c in contenders},
+                })
+    return cases
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -793,7 +957,7 @@ def markdown_report(results: dict[str, Any]) -> str:
         f"in the package (gain threshold {results['calibration_in_code']['threshold']}, scale {results['calibration_in_code']['scale']}). "
         f"*Declared*: the seed article's similar / different ({', '.join(f'{s} ~ {sorted(t)}' for s, t in DECLARED_SIMILAR.items())}).",
         f"Wall time: {results['total_wall_seconds'] / 60:.1f} min on {results['environment']['cpu_count']} CPU cores "
-        f"(torch threads: {results['environment']['torch_threads']}).",
+        f"({results['environment'].get('workers', 1)} worker process(es), torch threads: {results['environment']['torch_threads']} each).",
         "",
         f"## {metric} {arrow} per case (mean ± std over seeds; **bold** best, † measured recommendation, ‡ declared)",
         "",
@@ -996,31 +1160,10 @@ def main(argv: list[str]) -> dict[str, Any]:
     for source in sources:
         attach_source_details(study, source, targets[0].task)
 
-    cases = []
-    for source in sources:
-        for target in targets:
-            for size_name, n_train, steps in (("small", study.small_size, study.small_steps), ("large", study.large_size, study.large_steps)):
-                declared = "similar" if target.name in DECLARED_SIMILAR.get(source.name, set()) else "different"
-                case = {
-                    "source": source.name, "target": target.name, "size": size_name, "n_train": n_train,
-                    "n_eval": target.validation.num_rows, "steps": steps, "declared": declared,
-                    "architecture": source.architecture[0],
-                    "chance": 1.0 / target.task.num_outputs if target.task.type == "classification" else None,
-                    "scores": [], "contenders": {c: {"runs": []} for c in contenders},
-                }
-                for seed in seeds:
-                    train = training_subset(target.train, target.task, n_train, seed)
-                    train = on_disk(train, output_dir / "data" / target.name / f"{size_name}-seed{seed}")  # feature caches beside it
-                    print(f"== {source.name} -> {target.name}, {size_name}, seed {seed}: scores", flush=True)
-                    case["scores"].append(transferability_scores(study, source, target, train, output_dir / "features"))
-                    for contender in contenders:
-                        print(f"== {source.name} -> {target.name}, {size_name}, seed {seed}: {contender}", flush=True)
-                        run = run_once(study, contender, source, target, train, steps, seed, training_argv,
-                                       output_dir / "runs" / source.name / target.name / size_name / contender / f"seed{seed}")
-                        if not math.isfinite(run["metric"]):
-                            raise RuntimeError(f"{source.name} -> {target.name} {size_name} {contender} seed {seed}: non-finite {metric}")
-                        case["contenders"][contender]["runs"].append(run)
-                cases.append(case)
+    units = study_units(study, sources, targets, seeds, output_dir)
+    context = UnitContext(study, training_argv, output_dir, contenders, sources, targets)
+    outcomes = run_units(context, units, study.workers)
+    cases = assemble_cases(study, sources, targets, contenders, units, outcomes)
 
     first_args = training_arguments(training_argv, output_dir / "runs", seeds[0], 1, "scratch", study)
     results = {
@@ -1047,6 +1190,7 @@ def main(argv: list[str]) -> dict[str, Any]:
         "environment": {
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
+            "workers": study.workers,
             "platform": platform.platform(),
             "python": platform.python_version(),
             "torch": torch.__version__,

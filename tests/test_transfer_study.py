@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from hf_tlmtl.transfer import recommend_strategy
 from hf_tlmtl.transferability import SimilarityMeasurement
-from recipe_utils import REPO, load_recipe
+from recipe_utils import REPO, load_recipe, recipe_env
 
 CONFIG = REPO / "recipes" / "configs" / "transfer_study.yaml"
 CONTENDERS = ["scratch", "feature_extraction", "partial", "truncate", "fine_tune_llrd", "lora"]
@@ -31,7 +34,7 @@ def miniature(out: Path, *extra: str) -> list[str]:
         "--image_size", "16", "--small_size", "12", "--large_size", "24", "--n_eval", "20",
         "--small_steps", "2", "--large_steps", "3", "--source_epochs", "1", "--seeds", "0",
         "--per_device_train_batch_size", "32", "--per_device_eval_batch_size", "32", "--num_threads", "1",
-        *extra,
+        "--workers", "1", *extra,
     ]
 
 
@@ -120,6 +123,26 @@ def test_source_is_reused_when_its_settings_match(recipe, study):
     assert again["contenders"] == ["feature_extraction"]
 
 
+def test_two_worker_processes_give_the_single_process_results(study, tmp_path):
+    """``--workers 2`` (the shipped config) runs the units in two spawned processes, longest first; every score
+    and every run's metric equals the single-process study's, case by case and seed by seed."""
+    out, results = study
+    parallel = tmp_path / "parallel"
+    shutil.copytree(out / "source", parallel / "source")  # the same source network, reused
+    run = subprocess.run(
+        [sys.executable, str(REPO / "recipes" / "transfer_study.py"), *miniature(parallel, "--workers", "2")],
+        cwd=REPO, env=recipe_env(tmp_path), capture_output=True, text=True, timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    again = json.loads((parallel / "results" / "results.json").read_text())
+    assert again["environment"]["workers"] == 2 and again["sources"][0]["reused"] is True
+    assert [(c["source"], c["target"], c["size"]) for c in again["cases"]] == [(c["source"], c["target"], c["size"]) for c in results["cases"]]
+    for one, two in zip(results["cases"], again["cases"]):
+        assert [s["source"] for s in two["scores"]] == [s["source"] for s in one["scores"]]
+        for contender in CONTENDERS:
+            assert [r["metric"] for r in two["contenders"][contender]["runs"]] == [r["metric"] for r in one["contenders"][contender]["runs"]], contender
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -131,6 +154,8 @@ def test_source_is_reused_when_its_settings_match(recipe, study):
         (["--small_dataset_max_samples", "5"], "must lie in"),
         (["--contendrs", "lora"], "did you mean --contenders"),
         (["--report_only", "true"], "needs .*results.json"),
+        (["--workers", "0"], "and --workers must be >= 1"),
+        (["--workers", "2"], "needs this recipe run as a script"),  # imported from a path, under another name
     ],
 )
 def test_bad_arguments_stop_before_training(recipe, tmp_path, argv, message):
