@@ -298,20 +298,28 @@ class _BatchTransform:
         """The epoch the next rows are read in (a seeded transform draws new augmentations per epoch)."""
         self.epoch = int(epoch)
 
-    def _transform(self, image: PILImage.Image, row: int | None) -> torch.Tensor:
-        if self.seed is None or row is None:
-            return self.image_transform(image)
-        # Per image, so kept cheap (benchmarks/data_loading.py): a hash rather than np.random.SeedSequence
-        # (~0.2 ms), the CPU generator alone rather than torch.manual_seed, which seeds every device (~0.25 ms).
+    def _row_seed(self, row: int) -> int:
+        # Per image, so kept cheap (benchmarks/data_loading.py): a hash rather than np.random.SeedSequence (~0.2 ms).
         key = struct.pack("<3Q", self.seed % 2**64, self.epoch % 2**64, int(row) % 2**64)
-        seed = int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "little")
+        return int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "little")
+
+    def _pixel_values(self, images: list, rows: list) -> torch.Tensor:
+        if self.seed is None or rows is None:
+            return torch.stack([self.image_transform(_to_rgb(image, self.image_column)) for image in images])
+        # The generators are saved and put back once per batch, not per image: NumPy's get/set_state alone
+        # costs ~0.1 ms, as much as a small image's augmentation. Seeding the CPU generator alone, not
+        # torch.manual_seed, which seeds every device (~0.25 ms).
         python_state, numpy_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            random.seed(seed)
-            np.random.seed(seed)
-            torch.default_generator.manual_seed(seed)
             try:
-                return self.image_transform(image)
+                out = []
+                for image, row in zip(images, rows):
+                    seed = self._row_seed(row)
+                    random.seed(seed)
+                    np.random.seed(seed)
+                    torch.default_generator.manual_seed(seed)
+                    out.append(self.image_transform(_to_rgb(image, self.image_column)))
+                return torch.stack(out)
             finally:
                 random.setstate(python_state)
                 np.random.set_state(numpy_state)
@@ -321,11 +329,7 @@ class _BatchTransform:
         if self.image_transform is None:
             out[FEATURES_COLUMN] = torch.tensor(np.asarray(batch[FEATURES_COLUMN], dtype=np.float32))
         else:
-            images = batch[self.image_column]
-            rows = batch.get(ROW_COLUMN) or [None] * len(images)
-            out["pixel_values"] = torch.stack(
-                [self._transform(_to_rgb(image, self.image_column), row) for image, row in zip(images, rows)]
-            )
+            out["pixel_values"] = self._pixel_values(batch[self.image_column], batch.get(ROW_COLUMN))
         for label in self.labels:
             out[label.task.name] = _encode_labels(label, batch[label.column])
         return out
