@@ -31,6 +31,7 @@ import torch
 from timm.layers import freeze_batch_norm_2d
 from timm.layers.norm_act import FrozenBatchNorm2d, FrozenBatchNormAct2d
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
 BN_POLICIES: tuple[str, ...] = ("train", "frozen", "recalibrate")
@@ -148,6 +149,9 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Any], autocast: A
     if not any(isinstance(m, _BatchNorm) for m in backbone.modules()):
         return 0
     device = next(backbone.parameters()).device
+    # Under FSDP2 the stem's parameters belong to the root unit and stay sharded unless the root's own
+    # forward gathers them: run the whole model there (its heads add a little compute, no BatchNorm).
+    forward = model if isinstance(model, FSDPModule) else backbone
     modes = {module: module.training for module in backbone.modules()}
     seen = 0
 
@@ -160,7 +164,7 @@ def recalibrate_batch_norm(model: nn.Module, batches: Iterable[Any], autocast: A
 
     try:
         with autocast() if autocast is not None else contextlib.nullcontext():
-            torch.optim.swa_utils.update_bn(pixels(), backbone)
+            torch.optim.swa_utils.update_bn(pixels(), forward)
     finally:
         for module, mode in modes.items():
             module.training = mode

@@ -114,8 +114,6 @@ def check_fsdp_setup(args: Any, balancer: Any, cpu: bool) -> None:
       mapping and its (sharded) optimizer checkpoints cover the model's parameters only.
     - Gradient aggregation (torchjd: ``upgrad``, ``mgda`` ...) is refused by the trainer for every
       multi-process run (each process would aggregate its own shard's Jacobian).
-    - ``bn='recalibrate'``: its extra forward passes outside the training step are not tested with sharded
-      parameters; ``bn='frozen'`` or ``'train'`` are.
     """
     if not fsdp_requested(args):
         return
@@ -132,11 +130,6 @@ def check_fsdp_setup(args: Any, balancer: Any, cpu: bool) -> None:
             "transfer_strategy='lora' is not supported with FSDP yet (the adapter trains, but saving and merging it "
             "from the shards fails): train LoRA with DDP (`accelerate launch --multi_gpu`, the adapter is small), "
             "or use transfer_strategy 'partial' / 'feature_extraction' / 'fine_tune' with FSDP."
-        )
-    if getattr(args, "bn", "train") == "recalibrate":
-        raise ValueError(
-            "bn='recalibrate' is not supported with FSDP yet (its statistics pass runs outside the sharded training "
-            "step, untested there): use bn='frozen' or 'train' with FSDP, or recalibrate with DDP or on one process."
         )
     if any(p.requires_grad for p in balancer.parameters()):
         raise ValueError(

@@ -208,7 +208,7 @@ class MultiTaskTrainer(Trainer):
         :func:`hf_tlmtl.distributed.full_state_dict` and written by the main process as one
         ``model.safetensors``: always for the model saved from outside the Trainer (the final one), and for
         checkpoints with ``FULL_STATE_DICT`` (``SHARDED_STATE_DICT`` checkpoints keep the Trainer's shards).
-        With ``bn='recalibrate'`` (refused under FSDP) :meth:`recalibrate_batch_norm` runs first."""
+        With ``bn='recalibrate'`` :meth:`recalibrate_batch_norm` runs first (under FSDP on every process: it gathers)."""
         self.recalibrate_batch_norm()
         if not self.is_fsdp_enabled:
             super().save_model(output_dir, _internal_call=_internal_call)

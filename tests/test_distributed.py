@@ -59,15 +59,6 @@ def test_fsdp_refuses_lora_and_names_ddp(tmp_path, monkeypatch):
     check_fsdp_setup(_args(tmp_path, transfer_strategy="partial", trainable_groups=2), build_balancer("static", TASKS), cpu=True)
 
 
-def test_fsdp_refuses_batch_norm_recalibration(tmp_path, monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    monkeypatch.setenv("FSDP_VERSION", "2")
-    args = _args(tmp_path, transfer_strategy="fine_tune", bn="recalibrate")
-    with pytest.raises(ValueError, match="bn='recalibrate' is not supported with FSDP yet"):
-        check_fsdp_setup(args, build_balancer("static", TASKS), cpu=True)
-    check_fsdp_setup(_args(tmp_path, transfer_strategy="fine_tune", bn="frozen"), build_balancer("static", TASKS), cpu=True)
-
-
 def test_fsdp1_on_cpu_is_refused_with_the_fsdp2_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
