@@ -8,7 +8,8 @@ the same mean gradient as the single process and its eval metrics agree to float
 on: it is seeded per row (run seed, epoch, row), so both processes crop every row as the single
 process does.
 
-A second 2-process run is killed (SIGKILL, launcher and workers) after its first checkpoint and
+The data-parallel run is launched with the shipped ``recipes/configs/accelerate/multi_cpu_ddp.yaml``, the
+resumed one with the equivalent command-line flags. A second 2-process run is killed (SIGKILL, launcher and workers) after its first checkpoint and
 resumed: it ends with exactly the weights of the uninterrupted 2-process run.
 """
 
@@ -24,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipe_utils import ACCELERATE, FINETUNE, TINY, check_ok, recipe_env, run_finetune, summary
+from recipe_utils import ACCELERATE, FINETUNE, REPO, TINY, check_ok, recipe_env, run_finetune, summary
 
 COMMON = [
     *TINY,
@@ -37,19 +38,21 @@ TWO_PROCESSES = [*COMMON, "--per_device_train_batch_size", "4", "--save_strategy
 TOLERANCE = 1e-4
 
 
-def _launch(args, output_dir):
-    return [
-        str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        str(FINETUNE), *map(str, args), "--output_dir", str(output_dir),
-    ]
+FLAGS = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+# The shipped config README gives for N CPU processes: the same launch as FLAGS.
+MULTI_CPU_CONFIG = ["--config_file", str(REPO / "recipes" / "configs" / "accelerate" / "multi_cpu_ddp.yaml")]
+
+
+def _launch(args, output_dir, launcher=FLAGS):
+    return [str(ACCELERATE), "launch", *launcher, "--main_process_port", "0", str(FINETUNE), *map(str, args),
+            "--output_dir", str(output_dir)]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distributed")
     two = tmp / "two_processes"
-    distributed = subprocess.run(_launch(TWO_PROCESSES, two), cwd=tmp, env=recipe_env(tmp), capture_output=True,
+    distributed = subprocess.run(_launch(TWO_PROCESSES, two, MULTI_CPU_CONFIG), cwd=tmp, env=recipe_env(tmp), capture_output=True,
                                  text=True, timeout=300)
     check_ok(distributed)
     one = tmp / "one_process"
