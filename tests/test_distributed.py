@@ -51,12 +51,13 @@ def test_fsdp_refuses_learnable_balancer_weights(tmp_path, monkeypatch):
     check_fsdp_setup(args, build_balancer("uncertainty", TASKS), cpu=True)  # DDP keeps it
 
 
-def test_fsdp_refuses_lora_and_names_ddp(tmp_path, monkeypatch):
+def test_fsdp_accepts_every_transfer_strategy(tmp_path, monkeypatch):
+    # LoRA under FSDP2 is run for real in test_recipe_fsdp_lora.py.
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
-    with pytest.raises(ValueError, match="transfer_strategy='lora' is not supported with FSDP .*--multi_gpu"):
-        check_fsdp_setup(_args(tmp_path, transfer_strategy="lora"), build_balancer("static", TASKS), cpu=True)
-    check_fsdp_setup(_args(tmp_path, transfer_strategy="partial", trainable_groups=2), build_balancer("static", TASKS), cpu=True)
+    for strategy, kwargs in (("lora", {}), ("partial", {"trainable_groups": 2}), ("feature_extraction", {}),
+                             ("fine_tune", {}), ("truncate", {})):
+        check_fsdp_setup(_args(tmp_path, transfer_strategy=strategy, **kwargs), build_balancer("static", TASKS), cpu=True)
 
 
 def test_fsdp_refuses_batch_norm_recalibration(tmp_path, monkeypatch):
