@@ -10,6 +10,8 @@
   model after checking that it fits that backbone and those heads.
 - :func:`merge_adapter` folds the active adapter into the weights and returns a plain
   :class:`~hf_tlmtl.TimmMultiTaskModel` (peft's ``merge_and_unload``, BatchNorm unfrozen again).
+- :func:`unsharded_copy` rebuilds a peft model in one process from its gathered weights: how an
+  FSDP-trained adapter is saved and merged (FSDP frees the storage peft's save and merge read).
 
 BatchNorm layers of the backbone become ``FrozenBatchNorm2d`` (timm) when adapters are attached: the
 running statistics are part of the frozen base, so training one adapter cannot change what another
@@ -38,7 +40,7 @@ import copy
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import peft
 import torch
@@ -488,6 +490,60 @@ def load_adapter(
     base = base_model(model)
     _freeze_batch_norm(base)
     return peft.PeftModel.from_pretrained(base, str(adapter_path), adapter_name=adapter_name, is_trainable=is_trainable)
+
+
+# ------------------------------------------------------------------------- unsharded copy
+def unsharded_copy(model: peft.PeftModel, state_dict: Mapping[str, torch.Tensor]) -> peft.PeftModel:
+    """A one-process copy of the peft model ``model`` that holds the weights of ``state_dict``.
+
+    For a model whose weights are not whole tensors in this process (FSDP2 shards: gather them first with
+    :func:`hf_tlmtl.distributed.full_state_dict`): peft's ``save_pretrained`` and :func:`merge_adapter`
+    read the weights' storage, which FSDP frees. The base model is rebuilt from its config (BatchNorm frozen
+    as :func:`apply_lora` freezes it), every adapter from its peft config, the active one activated, and
+    ``state_dict`` (``model.state_dict()``'s names) is loaded strictly: no weight keeps the rebuilt model's
+    random initialisation. The global random state is left as it was.
+
+    Raises:
+        ValueError: ``model`` is not a peft model, or ``state_dict``'s names are not the rebuilt model's.
+
+    Example:
+        >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+        >>> pm = apply_lora(TimmMultiTaskModel.from_backbone("test_vit", [TaskSpec(name="y", type="regression")]), r=4)
+        >>> again = unsharded_copy(pm, pm.state_dict())
+        >>> again is not pm, all(torch.equal(v, pm.state_dict()[k]) for k, v in again.state_dict().items())
+        (True, True)
+    """
+    if not is_peft_model(model):
+        raise ValueError(f"unsharded_copy needs a peft.PeftModel (from apply_lora / load_adapter), got {type(model).__name__}.")
+    base = base_model(model)
+    first, *others = list(model.peft_config)
+    with torch.random.fork_rng(devices=[]):  # the random init below is overwritten: it must not shift the run's RNG
+        rebuilt_base = type(base)(copy.deepcopy(base.config))
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in base.modules()):
+            _freeze_batch_norm(rebuilt_base)
+        rebuilt = peft.get_peft_model(rebuilt_base, _unnamed(model.peft_config[first]), adapter_name=first)
+        for name in others:
+            rebuilt.add_adapter(name, _unnamed(model.peft_config[name]))
+    for name, config in model.peft_config.items():
+        rebuilt.peft_config[name].base_model_name_or_path = config.base_model_name_or_path
+    rebuilt.set_adapter(model.active_adapter)
+    wanted = rebuilt.state_dict()
+    missing, unexpected = sorted(set(wanted) - set(state_dict)), sorted(set(state_dict) - set(wanted))
+    if missing or unexpected:
+        raise ValueError(
+            f"The state dict does not fit a copy of this peft model: {len(missing)} of its weights are missing "
+            f"({_short_list(missing, 3)}), {len(unexpected)} are not its own ({_short_list(unexpected, 3)}). Pass the "
+            "model's own state dict (hf_tlmtl.distributed.full_state_dict gathers it from FSDP shards)."
+        )
+    rebuilt.load_state_dict(dict(state_dict), strict=True)
+    return rebuilt
+
+
+def _unnamed(config: peft.PeftConfig) -> peft.PeftConfig:
+    """A copy of ``config`` without its base model path (peft warns when the new base does not carry it)."""
+    config = copy.deepcopy(config)
+    config.base_model_name_or_path = None
+    return config
 
 
 # --------------------------------------------------------------------------------- merge

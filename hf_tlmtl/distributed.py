@@ -109,11 +109,15 @@ def check_fsdp_setup(args: Any, balancer: Any, cpu: bool) -> None:
     """``ValueError`` for FSDP runs that cannot train correctly, each naming what to change.
 
     - FSDP1 on CPU: only FSDP2 (``fully_shard``) runs there.
-    - LoRA: it trains, but its save and merge from FSDP shards are not supported (yet).
     - Learnable balancer parameters (``uncertainty``): they live outside the model, and FSDP's optimizer
       mapping and its (sharded) optimizer checkpoints cover the model's parameters only.
     - Gradient aggregation (torchjd: ``upgrad``, ``mgda`` ...) is refused by the trainer for every
       multi-process run (each process would aggregate its own shard's Jacobian).
+
+    Every transfer strategy is accepted, ``lora`` (any ``lora_method``) included: its sharded checkpoints hold
+    the adapter and heads, and recipes/finetune.py saves the adapter and the merged model from a one-process
+    copy of the gathered weights (:func:`full_state_dict`, :func:`hf_tlmtl.adapters.unsharded_copy`).
+    ``bn='recalibrate'`` runs its statistics pass through the sharded model on every process.
     """
     if not fsdp_requested(args):
         return
@@ -122,14 +126,6 @@ def check_fsdp_setup(args: Any, balancer: Any, cpu: bool) -> None:
             "FSDP on CPU runs with FSDP2 (torch's fully_shard) only: use `--fsdp true` without fsdp_config "
             "'version': 1 (FSDP2 is the Trainer's default), `accelerate launch --use_fsdp --fsdp_version 2`, or "
             "`accelerate launch --config_file recipes/configs/accelerate/fsdp2.yaml`."
-        )
-    if getattr(args, "transfer_strategy", None) == "lora":
-        # Measured: LoRA trains under FSDP2 on CPU, but peft's save of the sharded adapter and the merge
-        # into a full model both read DTensor storage that FSDP frees, so the run would end in an error.
-        raise ValueError(
-            "transfer_strategy='lora' is not supported with FSDP yet (the adapter trains, but saving and merging it "
-            "from the shards fails): train LoRA with DDP (`accelerate launch --multi_gpu`, the adapter is small), "
-            "or use transfer_strategy 'partial' / 'feature_extraction' / 'fine_tune' with FSDP."
         )
     if any(p.requires_grad for p in balancer.parameters()):
         raise ValueError(

@@ -55,7 +55,7 @@ from hf_tlmtl.cli import (  # noqa: E402
 from hf_tlmtl.cli import build_parser as build_dataclass_parser  # noqa: E402
 from hf_tlmtl.curves import plot_training_curves  # noqa: E402
 from hf_tlmtl.data import MultiTaskCollator, build_transforms, prepare_dataset  # noqa: E402
-from hf_tlmtl.distributed import describe_sharding  # noqa: E402
+from hf_tlmtl.distributed import describe_sharding, full_state_dict  # noqa: E402
 from hf_tlmtl.run_folder import SET_ASIDE_DIR, DropSetAsideOnSave, drop_set_aside, restore, set_aside  # noqa: E402
 from hf_tlmtl.sources import load_image_dataset, resolve_tasks  # noqa: E402
 from hf_tlmtl.streaming import load_streaming_dataset, read_per_process  # noqa: E402
@@ -704,12 +704,24 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def save_final_model(trainer: MultiTaskTrainer, out: Path) -> TimmMultiTaskModel:
-    """The trained model into ``out`` (AutoModel-loadable). A peft model is saved merged, its adapter in ``out/adapter``."""
+def save_final_model(trainer: MultiTaskTrainer, out: Path) -> TimmMultiTaskModel | None:
+    """The trained model into ``out`` (AutoModel-loadable). A peft model is saved merged, its adapter in ``out/adapter``.
+
+    Under FSDP a peft model is gathered from the shards (every process takes part) and saved from a one-process
+    copy on the process that saves; the others get None.
+    """
     model = trainer.model
     if not is_peft_model(model):
         trainer.save_model()
         return model
+    if trainer.is_fsdp_enabled:
+        # peft's save and the merge read the weights' storage, which FSDP2 frees: work on a whole copy instead.
+        state_dict = full_state_dict(trainer.accelerator, model)  # a collective: every process gathers
+        if not trainer.args.should_save:
+            return None
+        from hf_tlmtl.adapters import unsharded_copy
+
+        model = unsharded_copy(model, state_dict)
     if trainer.args.should_save:
         model.save_pretrained(out / "adapter")
     from hf_tlmtl.adapters import merge_adapter  # peft's merge_and_unload alone fails on loha / lokr / ia3 heads

@@ -10,12 +10,13 @@ import peft
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 from timm.layers.norm_act import FrozenBatchNorm2d
 from torch import nn
 
 import hf_tlmtl  # noqa: F401 - registers the Auto classes
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-from hf_tlmtl.adapters import METHODS, apply_lora, auto_target_modules, load_adapter, merge_adapter
+from hf_tlmtl.adapters import METHODS, apply_lora, auto_target_modules, load_adapter, merge_adapter, unsharded_copy
 from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
 from fake_data import random_task_dataset
 
@@ -226,6 +227,39 @@ def test_peft_merge_and_unload_gives_a_plain_model():
     assert type(plain) is TimmMultiTaskModel
     assert set(plain.state_dict()) == set(make_model("vit").state_dict())  # heads.<task>.* keys again
     torch.testing.assert_close(outputs(plain)["c"], adapted["c"], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------ unsharded copy
+@pytest.mark.parametrize("kind,method", [("cnn", "lora"), ("vit", "loha")])
+def test_unsharded_copy_holds_the_given_weights_and_every_adapter(kind, method, tmp_path):
+    # What recipes/finetune.py does with FSDP2's gathered weights (the 2-process run: test_recipe_fsdp_lora.py).
+    peft_model = apply_lora(make_model(kind), r=4, alpha=8, method=method, adapter_name="first")
+    apply_lora(peft_model, r=4, alpha=8, method=method, adapter_name="second")
+    perturb(peft_model, seed=1)
+    state = {k: v.clone() for k, v in peft_model.state_dict().items()}
+    rng = torch.get_rng_state()
+    copied = unsharded_copy(peft_model, state)
+    assert torch.equal(torch.get_rng_state(), rng)  # building the copy does not shift the run's random stream
+    assert copied.active_adapter == "second" and sorted(copied.peft_config) == ["first", "second"]
+    assert copied.state_dict().keys() == state.keys()
+    assert all(torch.equal(copied.state_dict()[k], v) for k, v in state.items())
+    assert all(torch.equal(v, outputs(peft_model)[t]) for t, v in outputs(copied).items())
+    # It saves the adapters peft_model saves, and merges into the model peft_model merges into.
+    copied.save_pretrained(tmp_path / "copy")
+    peft_model.save_pretrained(tmp_path / "own")
+    for name in ("first", "second"):
+        a = load_file(tmp_path / "copy" / name / "adapter_model.safetensors")
+        b = load_file(tmp_path / "own" / name / "adapter_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    merged, own = merge_adapter(copied).state_dict(), merge_adapter(peft_model).state_dict()
+    assert merged.keys() == own.keys() and all(torch.equal(merged[k], own[k]) for k in own)
+
+
+def test_unsharded_copy_refuses_a_state_dict_of_another_model():
+    peft_model = apply_lora(make_model("vit"), r=4, alpha=8)
+    state = apply_lora(make_model("vit"), r=8, alpha=8, target_modules="qkv").state_dict()
+    with pytest.raises(ValueError, match="does not fit a copy of this peft model: .* missing"):
+        unsharded_copy(peft_model, state)
 
 
 # ------------------------------------------------------------------------------- trainer

@@ -51,12 +51,13 @@ def test_fsdp_refuses_learnable_balancer_weights(tmp_path, monkeypatch):
     check_fsdp_setup(args, build_balancer("uncertainty", TASKS), cpu=True)  # DDP keeps it
 
 
-def test_fsdp_refuses_lora_and_names_ddp(tmp_path, monkeypatch):
+def test_fsdp_accepts_every_transfer_strategy(tmp_path, monkeypatch):
+    # Run for real: LoRA in test_recipe_fsdp_lora.py, bn recalibrate in test_recipe_fsdp_full.py.
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
-    with pytest.raises(ValueError, match="transfer_strategy='lora' is not supported with FSDP .*--multi_gpu"):
-        check_fsdp_setup(_args(tmp_path, transfer_strategy="lora"), build_balancer("static", TASKS), cpu=True)
-    check_fsdp_setup(_args(tmp_path, transfer_strategy="partial", trainable_groups=2), build_balancer("static", TASKS), cpu=True)
+    for strategy, kwargs in (("lora", {}), ("partial", {"trainable_groups": 2}), ("feature_extraction", {}),
+                             ("fine_tune", {}), ("fine_tune", {"bn": "recalibrate"}), ("truncate", {})):
+        check_fsdp_setup(_args(tmp_path, transfer_strategy=strategy, **kwargs), build_balancer("static", TASKS), cpu=True)
 
 
 def test_fsdp1_on_cpu_is_refused_with_the_fsdp2_fix(tmp_path, monkeypatch):
