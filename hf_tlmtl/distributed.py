@@ -110,8 +110,9 @@ def check_fsdp_setup(args: Any, balancer: Any, cpu: bool) -> None:
 
     - FSDP1 on CPU: only FSDP2 (``fully_shard``) runs there.
     - LoRA: it trains, but its save and merge from FSDP shards are not supported (yet).
-    - Learnable balancer parameters (``uncertainty``): they live outside the model, and FSDP's optimizer
-      mapping and its (sharded) optimizer checkpoints cover the model's parameters only.
+    - Learnable balancer parameters (``uncertainty``) with FSDP1: they live outside the model; the trainer
+      fits them around FSDP2's optimizer mapping and sharded optimizer checkpoints (see
+      ``MultiTaskTrainer.create_scheduler``), not around FSDP1's (untested: it runs on GPUs only).
     - Gradient aggregation (torchjd: ``upgrad``, ``mgda`` ...) is refused by the trainer for every
       multi-process run (each process would aggregate its own shard's Jacobian).
     - ``bn='recalibrate'``: its extra forward passes outside the training step are not tested with sharded
@@ -138,11 +139,12 @@ def check_fsdp_setup(args: Any, balancer: Any, cpu: bool) -> None:
             "bn='recalibrate' is not supported with FSDP yet (its statistics pass runs outside the sharded training "
             "step, untested there): use bn='frozen' or 'train' with FSDP, or recalibrate with DDP or on one process."
         )
-    if any(p.requires_grad for p in balancer.parameters()):
+    if fsdp_version(args) != 2 and any(p.requires_grad for p in balancer.parameters()):
         raise ValueError(
             f"loss_balancing={args.loss_balancing!r} learns its task weights as parameters outside the model, which "
-            "FSDP's sharded optimizer and checkpoints do not cover: use loss_balancing 'static' or 'dwa' with FSDP, "
-            "or train with DDP (`accelerate launch --multi_gpu`)."
+            "hf_tlmtl supports with FSDP2 only: use `accelerate launch --fsdp_version 2` (or "
+            "recipes/configs/accelerate/fsdp2.yaml), loss_balancing 'static' or 'dwa' with FSDP1, or DDP "
+            "(`accelerate launch --multi_gpu`)."
         )
 
 
