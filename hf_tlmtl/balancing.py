@@ -44,6 +44,10 @@ BALANCER_WEIGHTS_NAME = "balancer.safetensors"
 """File in a checkpoint folder holding the balancer's tensors (e.g. uncertainty log-variances)."""
 BALANCER_STATE_NAME = "balancer_state.json"
 """File in a checkpoint folder holding the balancer's non-tensor state (e.g. DWA loss history)."""
+BALANCER_OPTIMIZER_NAME = "balancer_optimizer.safetensors"
+"""File in an FSDP checkpoint folder holding the optimizer's state for the balancer's parameters (its
+tensors; the group's hyperparameters and non-tensor state in the file's metadata). Without FSDP that state
+is in the Trainer's own optimizer file."""
 
 
 def weighted_sum(weights: dict[str, float], task_losses: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -398,3 +402,95 @@ def load_balancer_state(balancer: LossBalancer, directory: str | os.PathLike) ->
         balancer.load_state_dict(load_file(weights_file, device=str(device)))
     balancer.load_json_state(state.get("state", {}))
     return state
+
+
+def balancer_param_group(balancer: LossBalancer, optimizer: Any) -> dict[str, Any] | None:
+    """The optimizer's parameter group that holds the balancer's parameters (None when none does)."""
+    ids = {id(p) for p in balancer.parameters()}
+    return next((g for g in optimizer.param_groups if any(id(p) in ids for p in g["params"])), None)
+
+
+def save_balancer_optimizer_state(balancer: LossBalancer, optimizer: Any, directory: str | os.PathLike) -> None:
+    """Write the optimizer's state for the balancer's parameters (``BALANCER_OPTIMIZER_NAME``).
+
+    For runs whose optimizer checkpoint cannot hold parameters outside the model (FSDP's sharded
+    optimizer state): tensors (Adam's moments and step) under ``<parameter>/<key>``; the group's
+    hyperparameters (``lr``, ``betas`` ...) and any non-tensor state in the metadata, as JSON.
+    Nothing is written when the optimizer holds no balancer parameter.
+
+    Example:
+        >>> import tempfile
+        >>> from hf_tlmtl import TaskSpec
+        >>> b = build_balancer("uncertainty", [TaskSpec(name="y", type="regression")])
+        >>> opt = torch.optim.AdamW([{"params": list(b.parameters()), "weight_decay": 0.0}], lr=0.1)
+        >>> b.combine({"y": torch.tensor(2.0)}).backward(); opt.step()
+        >>> d = tempfile.mkdtemp(); save_balancer_optimizer_state(b, opt, d)
+        >>> b2 = build_balancer("uncertainty", [TaskSpec(name="y", type="regression")])
+        >>> opt2 = torch.optim.AdamW([{"params": list(b2.parameters()), "weight_decay": 0.0}], lr=0.5)
+        >>> load_balancer_optimizer_state(b2, opt2, d), opt2.param_groups[0]["lr"]
+        (True, 0.1)
+        >>> torch.equal(opt2.state[b2.log_vars["y"]]["exp_avg"], opt.state[b.log_vars["y"]]["exp_avg"])
+        True
+    """
+    from safetensors.torch import save_file
+
+    group = balancer_param_group(balancer, optimizer)
+    if group is None:
+        return
+    held = {id(p) for p in group["params"]}
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for name, param in balancer.named_parameters():
+        if id(param) not in held:
+            continue
+        for key, value in optimizer.state.get(param, {}).items():
+            if torch.is_tensor(value):
+                tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{name}/{key}"] = value
+    hyperparameters = {k: v for k, v in group.items() if k != "params"}
+    try:
+        metadata = {"param_group": json.dumps(hyperparameters), "scalars": json.dumps(scalars)}
+    except TypeError as e:
+        raise ValueError(
+            f"The optimizer's group of balancer parameters holds a value JSON cannot store ({e}); this optimizer cannot "
+            "checkpoint a learnable balancer under FSDP: use an AdamW/SGD-style --optim, or loss_balancing 'static' / 'dwa'."
+        ) from None
+    os.makedirs(directory, exist_ok=True)
+    save_file(tensors, os.path.join(directory, BALANCER_OPTIMIZER_NAME), metadata=metadata)
+
+
+def load_balancer_optimizer_state(balancer: LossBalancer, optimizer: Any, directory: str | os.PathLike) -> bool:
+    """Restore what :func:`save_balancer_optimizer_state` wrote into the optimizer's balancer group
+    (hyperparameters and per-parameter state). Returns False when the folder has no such file."""
+    from safetensors import safe_open
+
+    path = os.path.join(directory, BALANCER_OPTIMIZER_NAME)
+    group = balancer_param_group(balancer, optimizer)
+    if group is None or not os.path.isfile(path):
+        return False
+    with safe_open(path, framework="pt", device="cpu") as f:
+        metadata = f.metadata() or {}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    for key, value in json.loads(metadata.get("param_group", "{}")).items():
+        group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
+    scalars = json.loads(metadata.get("scalars", "{}"))
+    # As torch's Optimizer.load_state_dict: "step" stays on the CPU unless the group is capturable or fused.
+    step_on_param = bool(group.get("capturable") or group.get("fused"))
+    held = {id(p) for p in group["params"]}
+    for name, param in balancer.named_parameters():
+        if id(param) not in held:
+            continue
+        state: dict[str, Any] = {}
+        for key, value in [*tensors.items(), *scalars.items()]:
+            owner, _, field_name = key.rpartition("/")
+            if owner != name:
+                continue
+            if torch.is_tensor(value) and (field_name != "step" or step_on_param):
+                value = value.to(param.device)
+            state[field_name] = value
+        if state:
+            optimizer.state[param] = state
+        else:
+            optimizer.state.pop(param, None)
+    return True

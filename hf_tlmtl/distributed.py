@@ -109,8 +109,9 @@ def check_fsdp_setup(args: Any, balancer: Any, cpu: bool) -> None:
     """``ValueError`` for FSDP runs that cannot train correctly, each naming what to change.
 
     - FSDP1 on CPU: only FSDP2 (``fully_shard``) runs there.
-    - Learnable balancer parameters (``uncertainty``): they live outside the model, and FSDP's optimizer
-      mapping and its (sharded) optimizer checkpoints cover the model's parameters only.
+    - Learnable balancer parameters (``uncertainty``) with FSDP1: they live outside the model; the trainer
+      fits them around FSDP2's optimizer mapping and sharded optimizer checkpoints (see
+      ``MultiTaskTrainer.create_scheduler``), not around FSDP1's (untested: it runs on GPUs only).
     - Gradient aggregation (torchjd: ``upgrad``, ``mgda`` ...) is refused by the trainer for every
       multi-process run (each process would aggregate its own shard's Jacobian).
 
@@ -127,11 +128,12 @@ def check_fsdp_setup(args: Any, balancer: Any, cpu: bool) -> None:
             "'version': 1 (FSDP2 is the Trainer's default), `accelerate launch --use_fsdp --fsdp_version 2`, or "
             "`accelerate launch --config_file recipes/configs/accelerate/fsdp2.yaml`."
         )
-    if any(p.requires_grad for p in balancer.parameters()):
+    if fsdp_version(args) != 2 and any(p.requires_grad for p in balancer.parameters()):
         raise ValueError(
             f"loss_balancing={args.loss_balancing!r} learns its task weights as parameters outside the model, which "
-            "FSDP's sharded optimizer and checkpoints do not cover: use loss_balancing 'static' or 'dwa' with FSDP, "
-            "or train with DDP (`accelerate launch --multi_gpu`)."
+            "hf_tlmtl supports with FSDP2 only: use `accelerate launch --fsdp_version 2` (or "
+            "recipes/configs/accelerate/fsdp2.yaml), loss_balancing 'static' or 'dwa' with FSDP1, or DDP "
+            "(`accelerate launch --multi_gpu`)."
         )
 
 

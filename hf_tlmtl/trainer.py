@@ -26,7 +26,16 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .batch_norm import check_bn_policy, freeze_batch_norm, recalibrate_batch_norm
-from .balancing import BALANCERS, build_balancer, load_balancer_state, save_balancer_state
+from .balancing import (
+    BALANCER_OPTIMIZER_NAME,
+    BALANCERS,
+    balancer_param_group,
+    build_balancer,
+    load_balancer_optimizer_state,
+    load_balancer_state,
+    save_balancer_optimizer_state,
+    save_balancer_state,
+)
 from .callbacks import GradualUnfreezeCallback
 from .data import check_worker_picklable
 from .distributed import check_fsdp_setup, enable_fsdp_on_cpu, full_state_dict
@@ -144,7 +153,8 @@ class MultiTaskTrainer(Trainer):
     - a task with no label in a batch is left out of the balancer (its head gets an exact zero
       gradient); gradient-aggregation balancers (``upgrad``, ``mgda`` ...) replace the backward
       in ``training_step``; learnable balancer parameters are optimised (own group, no weight
-      decay) and the balancer's state is written into every checkpoint and restored on resume;
+      decay; under FSDP2 the group joins after ``prepare`` and its optimizer state has its own
+      checkpoint file) and the balancer's state is written into every checkpoint and restored on resume;
     - ``compute_metrics`` defaults to :func:`~hf_tlmtl.metrics.build_compute_metrics` of the tasks
       (``eval_<task>_<metric>`` and ``eval_score``).
     """
@@ -444,7 +454,7 @@ class MultiTaskTrainer(Trainer):
                 f"loss_balancing={method!r} aggregates per-task gradients with torchjd in one process; it does not "
                 f"run under distributed (DDP or FSDP) or multi-GPU training (world_size={self.args.world_size}, "
                 f"n_gpu={self.args.n_gpu}). Train on one process and one device, or use "
-                "loss_balancing='static', 'uncertainty' or 'dwa' ('static' or 'dwa' with FSDP)."
+                "loss_balancing='static', 'uncertainty' or 'dwa' ('uncertainty' with FSDP2 only)."
             )
         if self.args.fp16:
             raise ValueError(
@@ -485,10 +495,26 @@ class MultiTaskTrainer(Trainer):
 
     # ------------------------------------------------------------------ balancer parameters and state
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-        """The Trainer's optimizer, plus the balancer's learnable parameters (uncertainty log-variances)."""
+        """The Trainer's optimizer, plus the balancer's learnable parameters (uncertainty log-variances);
+        under FSDP those join in :meth:`create_scheduler` instead."""
         optimizer = self._create_layer_decay_optimizer(model)
-        self._add_balancer_params(optimizer)
+        if not self.is_fsdp_enabled:
+            self._add_balancer_params(optimizer)
         return optimizer
+
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        """``Trainer.create_scheduler``; under FSDP the balancer's parameters join the optimizer here first.
+
+        accelerate's FSDP2 ``prepare`` swaps every parameter the optimizer holds for the model's sharded
+        one, found by name in the model, and fails on any other (a ``KeyError``). The Trainer calls this
+        right after that ``prepare`` and before it builds the scheduler: the balancer's group joins then,
+        and the scheduler scales its learning rate as it does without FSDP.
+        """
+        if self.is_fsdp_enabled:
+            self._add_balancer_params(optimizer if optimizer is not None else self.optimizer)
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def _create_layer_decay_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """``--optim``'s optimizer class on :func:`~hf_tlmtl.optim.layer_decay_param_groups`.
@@ -534,6 +560,50 @@ class MultiTaskTrainer(Trainer):
         if params:
             optimizer.add_param_group({"params": params, "weight_decay": 0.0})
 
+    @contextlib.contextmanager
+    def _without_balancer_group(self) -> Any:
+        """The optimizer without the balancer's group and its state while the block runs, under FSDP.
+
+        torch's distributed optimizer state dict (what accelerate saves and loads for FSDP) names every
+        parameter of the optimizer by its name in the model, and fails on the balancer's. Loading
+        replaces the optimizer's ``state`` and ``param_groups``: the group and its state go back into
+        the new ones.
+        """
+        optimizer = self.optimizer
+        group = balancer_param_group(self.balancer, optimizer) if self.is_fsdp_enabled and optimizer is not None else None
+        if group is None:
+            yield
+            return
+        index = next(i for i, g in enumerate(optimizer.param_groups) if g is group)
+        state = {p: optimizer.state.pop(p) for p in group["params"] if p in optimizer.state}
+        del optimizer.param_groups[index]
+        try:
+            yield
+        finally:
+            optimizer.param_groups.insert(index, group)
+            optimizer.state.update(state)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """``Trainer._save_optimizer_and_scheduler``; under FSDP the balancer's optimizer state goes to its own
+        file (:func:`~hf_tlmtl.balancing.save_balancer_optimizer_state`), outside FSDP's (sharded) one."""
+        with self._without_balancer_group():
+            super()._save_optimizer_and_scheduler(output_dir)
+        if self.is_fsdp_enabled and self.args.should_save:
+            save_balancer_optimizer_state(self.balancer, self.optimizer, output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """``Trainer._load_optimizer_and_scheduler``; under FSDP the balancer's optimizer state comes from its
+        own file."""
+        with self._without_balancer_group():
+            super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or not self.is_fsdp_enabled or balancer_param_group(self.balancer, self.optimizer) is None:
+            return
+        if not load_balancer_optimizer_state(self.balancer, self.optimizer, checkpoint):
+            logger.warning(
+                f"{checkpoint} has no {BALANCER_OPTIMIZER_NAME}: the optimizer state of loss_balancing="
+                f"{self.args.loss_balancing!r} starts fresh (its parameters are restored)."
+            )
+
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         """Also writes the balancer's state (``balancer.safetensors`` + ``balancer_state.json``)."""
         super()._save_checkpoint(model, trial)
@@ -569,7 +639,7 @@ class MultiTaskTrainer(Trainer):
             self._end_balancer_epoch()
 
     def _sync_balancer_grads(self) -> None:
-        """Under DDP the balancer sits outside the wrapped model: average its gradients over the
+        """Under DDP and FSDP the balancer sits outside the wrapped model: average its gradients over the
         processes as DDP does for the model (a process without the task contributes zero)."""
         if self.args.world_size <= 1:
             return

@@ -40,13 +40,15 @@ def _args(tmp_path, **kwargs) -> MultiTaskTrainingArguments:
     return MultiTaskTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, **kwargs)
 
 
-def test_fsdp_refuses_learnable_balancer_weights(tmp_path, monkeypatch):
+def test_learnable_balancer_weights_need_fsdp2(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets
     monkeypatch.setenv("FSDP_VERSION", "2")
     args = _args(tmp_path, loss_balancing="uncertainty")
-    with pytest.raises(ValueError, match="'uncertainty' learns its task weights .* use loss_balancing 'static' or 'dwa'"):
-        check_fsdp_setup(args, build_balancer("uncertainty", TASKS), cpu=True)
-    check_fsdp_setup(args, build_balancer("dwa", TASKS), cpu=True)  # no parameters: accepted
+    check_fsdp_setup(args, build_balancer("uncertainty", TASKS), cpu=True)  # FSDP2: trained (test_recipe_fsdp_balancing.py)
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="'uncertainty' learns its task weights .* FSDP2 only: .*--fsdp_version 2"):
+        check_fsdp_setup(args, build_balancer("uncertainty", TASKS), cpu=False)  # GPUs: accelerate's FSDP1
+    check_fsdp_setup(args, build_balancer("dwa", TASKS), cpu=False)  # no parameters: accepted
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     check_fsdp_setup(args, build_balancer("uncertainty", TASKS), cpu=True)  # DDP keeps it
 
