@@ -84,6 +84,25 @@ def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
+# accelerate launchers of two CPU processes (gloo): command-line flags, and the shipped FSDP2 config file.
+TWO_CPU_PROCESSES = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                     "--dynamo_backend", "no"]
+ACCELERATE_CONFIGS = REPO / "recipes" / "configs" / "accelerate"
+FSDP2_CONFIG = ["--config_file", str(ACCELERATE_CONFIGS / "fsdp2.yaml")]
+
+
+def launch_command(launcher: Sequence[str], args: Sequence, output_dir: Path) -> list[str]:
+    """``accelerate launch LAUNCHER recipes/finetune.py ARGS --output_dir OUTPUT_DIR`` on a free port."""
+    return [str(ACCELERATE), "launch", *launcher, "--main_process_port", "0", str(FINETUNE), *map(str, args),
+            "--output_dir", str(output_dir)]
+
+
+def run_launch(launcher: Sequence[str], args: Sequence, output_dir: Path, tmp: Path) -> subprocess.CompletedProcess:
+    """:func:`launch_command` run to its end (5 minutes at most), checked with :func:`check_ok`."""
+    return check_ok(subprocess.run(launch_command(launcher, args, output_dir), cwd=tmp, env=recipe_env(tmp),
+                                   capture_output=True, text=True, timeout=300))
+
+
 def summary(output_dir: Path) -> dict:
     return json.loads((output_dir / "training_summary.json").read_text())
 

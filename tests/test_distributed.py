@@ -44,7 +44,7 @@ def test_learnable_balancer_weights_need_fsdp2(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets
     monkeypatch.setenv("FSDP_VERSION", "2")
     args = _args(tmp_path, loss_balancing="uncertainty")
-    check_fsdp_setup(args, build_balancer("uncertainty", TASKS), cpu=True)  # FSDP2: trained (test_recipe_fsdp_balancing.py)
+    check_fsdp_setup(args, build_balancer("uncertainty", TASKS), cpu=True)  # FSDP2: trained (test_recipe_fsdp.py)
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ValueError, match="'uncertainty' learns its task weights .* FSDP2 only: .*--fsdp_version 2"):
         check_fsdp_setup(args, build_balancer("uncertainty", TASKS), cpu=False)  # GPUs: accelerate's FSDP1

@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipe_utils import ACCELERATE, FINETUNE, REPO, TINY, check_ok, recipe_env, run_finetune, summary
+from recipe_utils import ACCELERATE_CONFIGS, TINY, TWO_CPU_PROCESSES, check_ok, launch_command, recipe_env, run_finetune, summary
 
 COMMON = [
     *TINY,
@@ -38,21 +38,15 @@ TWO_PROCESSES = [*COMMON, "--per_device_train_batch_size", "4", "--save_strategy
 TOLERANCE = 1e-4
 
 
-FLAGS = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-# The shipped config README gives for N CPU processes: the same launch as FLAGS.
-MULTI_CPU_CONFIG = ["--config_file", str(REPO / "recipes" / "configs" / "accelerate" / "multi_cpu_ddp.yaml")]
-
-
-def _launch(args, output_dir, launcher=FLAGS):
-    return [str(ACCELERATE), "launch", *launcher, "--main_process_port", "0", str(FINETUNE), *map(str, args),
-            "--output_dir", str(output_dir)]
+# The shipped config README gives for N CPU processes: the same launch as TWO_CPU_PROCESSES.
+MULTI_CPU_CONFIG = ["--config_file", str(ACCELERATE_CONFIGS / "multi_cpu_ddp.yaml")]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distributed")
     two = tmp / "two_processes"
-    distributed = subprocess.run(_launch(TWO_PROCESSES, two, MULTI_CPU_CONFIG), cwd=tmp, env=recipe_env(tmp), capture_output=True,
+    distributed = subprocess.run(launch_command(MULTI_CPU_CONFIG, TWO_PROCESSES, two), cwd=tmp, env=recipe_env(tmp), capture_output=True,
                                  text=True, timeout=300)
     check_ok(distributed)
     one = tmp / "one_process"
@@ -65,7 +59,7 @@ def resumed(runs, tmp_path_factory):
     """TWO_PROCESSES again, killed after checkpoint-4, then resumed with --resume_from_checkpoint true."""
     tmp = tmp_path_factory.mktemp("distributed_resume")
     killed = tmp / "killed"
-    proc = subprocess.Popen(_launch(TWO_PROCESSES, killed), cwd=tmp, env=recipe_env(tmp), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(launch_command(TWO_CPU_PROCESSES, TWO_PROCESSES, killed), cwd=tmp, env=recipe_env(tmp), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 240
     try:
@@ -78,7 +72,7 @@ def resumed(runs, tmp_path_factory):
     finally:
         proc.wait()
     assert not finished_early
-    launch = _launch([*TWO_PROCESSES, "--resume_from_checkpoint", "true"], killed)
+    launch = launch_command(TWO_CPU_PROCESSES, [*TWO_PROCESSES, "--resume_from_checkpoint", "true"], killed)
     check_ok(subprocess.run(launch, cwd=tmp, env=recipe_env(tmp), capture_output=True, text=True, timeout=300))
     return killed
 

@@ -15,13 +15,12 @@ steps 2 and 4. Run B resumes A's full checkpoint-2 on 2 processes.
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipe_utils import ACCELERATE, FINETUNE, TINY, check_ok, recipe_env, summary
+from recipe_utils import TINY, TWO_CPU_PROCESSES, run_launch, summary
 
 ARGS = [
     *TINY,
@@ -32,23 +31,15 @@ ARGS = [
 ]
 
 
-def _launch(args: list, output_dir, fsdp_config) -> list[str]:
-    return [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", str(FINETUNE),
-            *map(str, args), "--fsdp", "--fsdp_config", str(fsdp_config), "--output_dir", str(output_dir)]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp_full")
     config = tmp / "full.json"
     config.write_text(json.dumps({"state_dict_type": "FULL_STATE_DICT"}))
     full, resumed = tmp / "full", tmp / "resumed"
-    a = check_ok(subprocess.run(_launch(ARGS, full, config), cwd=tmp, env=recipe_env(tmp), capture_output=True,
-                                text=True, timeout=300))
-    resume = [*ARGS, "--resume_from_checkpoint", str(full / "checkpoint-2")]
-    check_ok(subprocess.run(_launch(resume, resumed, config), cwd=tmp, env=recipe_env(tmp), capture_output=True,
-                            text=True, timeout=300))
+    trainer_fsdp = ["--fsdp", "--fsdp_config", str(config)]
+    a = run_launch(TWO_CPU_PROCESSES, [*ARGS, *trainer_fsdp], full, tmp)
+    run_launch(TWO_CPU_PROCESSES, [*ARGS, *trainer_fsdp, "--resume_from_checkpoint", full / "checkpoint-2"], resumed, tmp)
     return full, resumed, a
 
 

@@ -15,15 +15,13 @@ checkpoint-2 (adapter and heads only: the base is rebuilt from the seed) and end
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipe_utils import ACCELERATE, FINETUNE, REPO, TINY, check_ok, recipe_env, run_finetune, summary
+from recipe_utils import FSDP2_CONFIG, TINY, TWO_CPU_PROCESSES, check_ok, run_finetune, run_launch, summary
 
-FSDP_CONFIG = REPO / "recipes" / "configs" / "accelerate" / "fsdp2.yaml"
 COMMON = [
     *TINY,
     "--backbone", "test_vit", "--dataset", "shapes", "--n_train", "32", "--n_eval", "8", "--tasks", "shape,scale",
@@ -35,26 +33,16 @@ TOLERANCE = 1e-4
 PREFIX = "base_model.model."
 
 
-def _launch(launcher: list[str], args: list, output_dir) -> list[str]:
-    return [str(ACCELERATE), "launch", *launcher, "--main_process_port", "0", str(FINETUNE), *map(str, args),
-            "--output_dir", str(output_dir)]
-
-
-def _run(cmd: list[str], tmp) -> subprocess.CompletedProcess:
-    return check_ok(subprocess.run(cmd, cwd=tmp, env=recipe_env(tmp), capture_output=True, text=True, timeout=300))
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp_lora")
     sharded, single, resumed = tmp / "fsdp", tmp / "one_process", tmp / "resumed"
-    a = _run(_launch(["--config_file", str(FSDP_CONFIG)], TWO, sharded), tmp)
+    a = run_launch(FSDP2_CONFIG, TWO, sharded, tmp)
     check_ok(run_finetune([*COMMON, "--per_device_train_batch_size", "8", "--output_dir", single], tmp))
     (tmp / "sharded.json").write_text(json.dumps({"state_dict_type": "SHARDED_STATE_DICT"}))
     trainer_fsdp = ["--fsdp", "--fsdp_config", str(tmp / "sharded.json"),
                     "--resume_from_checkpoint", str(sharded / "checkpoint-2")]
-    c = _run(_launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                      "--dynamo_backend", "no"], [*TWO, *trainer_fsdp], resumed), tmp)
+    c = run_launch(TWO_CPU_PROCESSES, [*TWO, *trainer_fsdp], resumed, tmp)
     return sharded, single, resumed, a, c
 
 
