@@ -107,6 +107,26 @@ def summary(output_dir: Path) -> dict:
     return json.loads((output_dir / "training_summary.json").read_text())
 
 
+def assert_same_training(run: Path, reference: Path, atol: float, tasks: Sequence[str] = ("shape", "scale")) -> dict:
+    """``run``'s final weights (``model.safetensors``) and eval loss and metrics equal ``reference``'s within ``atol``.
+
+    Returns ``run``'s weights. For a multi-process run against one process at the same global batch.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    weights, expected = load_file(run / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert weights.keys() == expected.keys()
+    for key in weights:
+        torch.testing.assert_close(weights[key], expected[key], rtol=0, atol=atol, msg=key)
+    metrics, expected_metrics = summary(run)["eval"], summary(reference)["eval"]
+    compared = [k for k in expected_metrics if k.startswith(("eval_loss", *(f"eval_{t}_" for t in tasks)))]
+    assert len(compared) >= 2 * len(tasks)
+    for key in compared:
+        assert abs(metrics[key] - expected_metrics[key]) <= atol, (key, metrics[key], expected_metrics[key])
+    return weights
+
+
 def random_image(rng: np.random.Generator, size: int = 32, tint: int = 0) -> Image.Image:
     """A noisy image whose mean colour depends on ``tint`` (so classes are learnable)."""
     base = np.zeros((size, size, 3), dtype=np.float32)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipe_utils import FSDP2_CONFIG, TINY, TWO_CPU_PROCESSES, check_ok, run_finetune, run_launch, summary
+from recipe_utils import assert_same_training, FSDP2_CONFIG, TINY, TWO_CPU_PROCESSES, check_ok, run_finetune, run_launch, summary
 
 COMMON = [
     *TINY,
@@ -77,15 +77,7 @@ def test_fsdp_lora_adapter_merged_weights_and_metrics_equal_one_process(runs):
     # The adapter trained: lora_B starts at zero and moved far past the tolerance.
     assert max(v.abs().max().item() for k, v in adapter_a.items() if ".lora_B." in k) > 10 * TOLERANCE
 
-    merged_a, merged_b = load_file(sharded / "model.safetensors"), load_file(single / "model.safetensors")
-    assert merged_a.keys() == merged_b.keys()
-    for key in merged_a:
-        torch.testing.assert_close(merged_a[key], merged_b[key], rtol=0, atol=TOLERANCE, msg=key)
-    eval_a, eval_b = summary(sharded)["eval"], summary(single)["eval"]
-    compared = [k for k in eval_b if k.startswith(("eval_loss", "eval_shape_", "eval_scale_"))]
-    assert len(compared) >= 4
-    for key in compared:
-        assert eval_a[key] == pytest.approx(eval_b[key], abs=1e-4), key
+    assert_same_training(sharded, single, TOLERANCE)  # the merged weights and the eval metrics
 
 
 def test_merged_model_loads_on_one_process_without_adapter_weights(runs):
