@@ -405,7 +405,18 @@ def load_balancer_state(balancer: LossBalancer, directory: str | os.PathLike) ->
 
 
 def balancer_param_group(balancer: LossBalancer, optimizer: Any) -> dict[str, Any] | None:
-    """The optimizer's parameter group that holds the balancer's parameters (None when none does)."""
+    """The optimizer's parameter group that holds the balancer's parameters (None when none does).
+
+    Example:
+        >>> from hf_tlmtl import TaskSpec
+        >>> b = build_balancer("uncertainty", [TaskSpec(name="y", type="regression")])
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        >>> balancer_param_group(b, opt) is None
+        True
+        >>> opt.add_param_group({"params": list(b.parameters()), "weight_decay": 0.0})
+        >>> balancer_param_group(b, opt) is opt.param_groups[1]
+        True
+    """
     ids = {id(p) for p in balancer.parameters()}
     return next((g for g in optimizer.param_groups if any(id(p) in ids for p in g["params"])), None)
 
@@ -462,7 +473,10 @@ def save_balancer_optimizer_state(balancer: LossBalancer, optimizer: Any, direct
 
 def load_balancer_optimizer_state(balancer: LossBalancer, optimizer: Any, directory: str | os.PathLike) -> bool:
     """Restore what :func:`save_balancer_optimizer_state` wrote into the optimizer's balancer group
-    (hyperparameters and per-parameter state). Returns False when the folder has no such file."""
+    (hyperparameters and per-parameter state). Returns False when the folder has no such file.
+
+    Example: see :func:`save_balancer_optimizer_state`, which saves and loads one.
+    """
     from safetensors import safe_open
 
     path = os.path.join(directory, BALANCER_OPTIMIZER_NAME)
