@@ -107,6 +107,19 @@ def summary(output_dir: Path) -> dict:
     return json.loads((output_dir / "training_summary.json").read_text())
 
 
+def assert_same_tensors(got: Path, expected: Path, name: str = "model.safetensors") -> dict:
+    """The safetensors file ``name`` holds bit-identical tensors under ``got`` and ``expected`` (a resumed run
+    against the uninterrupted one); returns ``got``'s tensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    want, have = load_file(expected / name), load_file(got / name)
+    assert want.keys() == have.keys(), name
+    different = [key for key in want if not torch.equal(have[key], want[key])]
+    assert not different, f"{name}: {len(different)} tensors differ, e.g. {different[:3]}"
+    return have
+
+
 def assert_same_training(run: Path, reference: Path, atol: float, tasks: Sequence[str] = ("shape", "scale")) -> dict:
     """``run``'s final weights (``model.safetensors``) and eval loss and metrics equal ``reference``'s within ``atol``.
 

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 
 from hf_tlmtl.balancing import BALANCER_OPTIMIZER_NAME, BALANCER_WEIGHTS_NAME
 
-from recipe_utils import assert_same_training, FSDP2_CONFIG, TINY, TWO_CPU_PROCESSES, check_ok, run_finetune, run_launch, summary
+from recipe_utils import assert_same_tensors, assert_same_training, FSDP2_CONFIG, TINY, TWO_CPU_PROCESSES, check_ok, run_finetune, run_launch, summary
 
 COMMON = [
     *TINY,
@@ -101,9 +101,7 @@ def test_final_model_loads_on_one_process(runs):
 def test_resume_from_sharded_checkpoint_ends_on_the_same_weights(runs):
     sharded, _, resumed, _, _ = runs
     assert summary(resumed)["resumed_from"].endswith("checkpoint-2")
-    expected, got = load_file(sharded / "model.safetensors"), load_file(resumed / "model.safetensors")
-    different = [k for k in expected if not torch.equal(got[k], expected[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    assert_same_tensors(resumed, sharded)
 
 
 def test_balancer_optimizer_state_is_kept_beside_the_sharded_optimizer(runs):
@@ -131,7 +129,4 @@ def test_fsdp_log_variances_equal_one_process(runs):
 def test_resume_restores_the_balancer_and_its_optimizer_state(runs):
     sharded, _, resumed, _, _ = runs
     for name in (f"checkpoint-4/{BALANCER_WEIGHTS_NAME}", f"checkpoint-4/{BALANCER_OPTIMIZER_NAME}"):
-        expected, got = load_file(sharded / name), load_file(resumed / name)
-        assert expected.keys() == got.keys(), name
-        different = [k for k in expected if not torch.equal(got[k], expected[k])]
-        assert not different, f"{name}: {len(different)} tensors differ, e.g. {different[:3]}"
+        assert_same_tensors(resumed, sharded, name)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipe_utils import TINY, TWO_CPU_PROCESSES, run_launch, summary
+from recipe_utils import assert_same_tensors, TINY, TWO_CPU_PROCESSES, run_launch, summary
 
 ARGS = [
     *TINY,
@@ -66,10 +66,7 @@ def test_full_checkpoint_is_one_safetensors_file_that_loads_on_one_process(runs)
 def test_resume_from_full_checkpoint_ends_on_the_same_weights(runs):
     full, resumed, _ = runs
     assert summary(resumed)["resumed_from"].endswith("checkpoint-2") and summary(resumed)["world_size"] == 2
-    expected, got = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
-    assert expected.keys() == got.keys()
-    different = [k for k in expected if not torch.equal(got[k], expected[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    assert_same_tensors(resumed, full)
 
 
 def test_recalibrated_statistics_under_fsdp_equal_one_process_recalibration(runs):

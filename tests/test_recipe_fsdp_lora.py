@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipe_utils import assert_same_training, FSDP2_CONFIG, TINY, TWO_CPU_PROCESSES, check_ok, run_finetune, run_launch, summary
+from recipe_utils import assert_same_tensors, assert_same_training, FSDP2_CONFIG, TINY, TWO_CPU_PROCESSES, check_ok, run_finetune, run_launch, summary
 
 COMMON = [
     *TINY,
@@ -127,7 +127,4 @@ def test_resume_from_sharded_lora_checkpoint_ends_on_the_same_weights(runs):
     assert "sharding : FSDP2 over 2 processes" in c.stdout
     assert summary(resumed)["resumed_from"].endswith("checkpoint-2")
     for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
-        expected, got = load_file(sharded / name), load_file(resumed / name)
-        assert expected.keys() == got.keys()
-        different = [k for k in expected if not torch.equal(got[k], expected[k])]
-        assert not different, f"{name}: {len(different)} tensors differ, e.g. {different[:3]}"
+        assert_same_tensors(resumed, sharded, name)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipe_utils import FINETUNE, TINY, check_ok, recipe_env, run_finetune, summary
+from recipe_utils import assert_same_tensors, FINETUNE, TINY, check_ok, recipe_env, run_finetune, summary
 
 # 64 rows / batch 4 = 16 steps per epoch, 2 epochs, a checkpoint every 4 steps. Augmentation is on:
 # it is seeded per row (run seed, epoch, row index) and leaves the global random state alone, so the
@@ -74,10 +74,7 @@ def test_resumed_run_matches_uninterrupted_weights(runs):
     info = summary(killed)
     assert info["resumed_from"] and "checkpoint-" in info["resumed_from"]
     assert info["train"]["epoch"] == pytest.approx(2.0)
-    expected, got = load_file(reference / "model.safetensors"), load_file(killed / "model.safetensors")
-    assert expected.keys() == got.keys()
-    different = [key for key in expected if not torch.equal(got[key], expected[key])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    got = assert_same_tensors(killed, reference)
     assert summary(reference)["eval"]["eval_loss"] == info["eval"]["eval_loss"]
     # ... and training after the checkpoint did move them (the comparison is not vacuous).
     first = load_file(killed / FIRST_CHECKPOINT / "model.safetensors")
