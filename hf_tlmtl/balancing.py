@@ -421,6 +421,12 @@ def balancer_param_group(balancer: LossBalancer, optimizer: Any) -> dict[str, An
     return next((g for g in optimizer.param_groups if any(id(p) in ids for p in g["params"])), None)
 
 
+def _parameters_in(balancer: LossBalancer, group: dict[str, Any]) -> list[tuple[str, torch.nn.Parameter]]:
+    """The balancer's named parameters that the optimizer ``group`` holds."""
+    held = {id(p) for p in group["params"]}
+    return [(name, param) for name, param in balancer.named_parameters() if id(param) in held]
+
+
 def save_balancer_optimizer_state(balancer: LossBalancer, optimizer: Any, directory: str | os.PathLike) -> None:
     """Write the optimizer's state for the balancer's parameters (``BALANCER_OPTIMIZER_NAME``).
 
@@ -448,12 +454,9 @@ def save_balancer_optimizer_state(balancer: LossBalancer, optimizer: Any, direct
     group = balancer_param_group(balancer, optimizer)
     if group is None:
         return
-    held = {id(p) for p in group["params"]}
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
-    for name, param in balancer.named_parameters():
-        if id(param) not in held:
-            continue
+    for name, param in _parameters_in(balancer, group):
         for key, value in optimizer.state.get(param, {}).items():
             if torch.is_tensor(value):
                 tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
@@ -491,10 +494,7 @@ def load_balancer_optimizer_state(balancer: LossBalancer, optimizer: Any, direct
     scalars = json.loads(metadata.get("scalars", "{}"))
     # As torch's Optimizer.load_state_dict: "step" stays on the CPU unless the group is capturable or fused.
     step_on_param = bool(group.get("capturable") or group.get("fused"))
-    held = {id(p) for p in group["params"]}
-    for name, param in balancer.named_parameters():
-        if id(param) not in held:
-            continue
+    for name, param in _parameters_in(balancer, group):
         state: dict[str, Any] = {}
         for key, value in [*tensors.items(), *scalars.items()]:
             owner, _, field_name = key.rpartition("/")
