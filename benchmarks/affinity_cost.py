@@ -24,11 +24,11 @@ import transformers
 from transformers import set_seed
 
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-from hf_tlmtl.affinity import TaskAffinityCallback
+from hf_tlmtl.multitask import TaskAffinityCallback
 from hf_tlmtl.data import prepare_dataset
-from hf_tlmtl.embedded import load_embedded_dataset
-from hf_tlmtl.sources import infer_tasks
-from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
+from hf_tlmtl.data.embedded import load_embedded_dataset
+from hf_tlmtl.data.sources import infer_tasks
+from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
 from results_md import write_section  # benchmarks/ is on sys.path when run as a script
 
 COLUMNS = ["shape", "color", "scale", "rotation", "pos_x", "pos_y", "marks"]

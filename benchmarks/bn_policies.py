@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import transfer_study as ts  # noqa: E402 - the study's data, sources and runs
 
-from hf_tlmtl.cli import run_or_exit  # noqa: E402
+from hf_tlmtl.training.cli import run_or_exit  # noqa: E402
 from hf_tlmtl.transfer import LARGE_DIFFERENT_LAYER_DECAY, SMALL_DIFFERENT_LAYER_DECAY, recommend_strategy  # noqa: E402
 
 STRATEGY_ARGS: dict[str, dict[str, Any]] = {

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
 from hf_tlmtl.data import MultiTaskCollator, cache_features, prepare_dataset
-from hf_tlmtl.embedded import load_embedded_dataset
+from hf_tlmtl.data.embedded import load_embedded_dataset
 from hf_tlmtl.transfer import apply_transfer_strategy
 from results_md import write_section  # benchmarks/ is on sys.path when run as a script
 

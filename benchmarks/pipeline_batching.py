@@ -33,7 +33,7 @@ from PIL import Image
 
 import hf_tlmtl  # noqa: F401  (registers the pipeline and the Auto classes)
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-from hf_tlmtl.pipeline import DEFAULT_BATCH_SIZE, PIPELINE_TASK
+from hf_tlmtl.hub.pipeline import DEFAULT_BATCH_SIZE, PIPELINE_TASK
 from results_md import write_section  # benchmarks/ is on sys.path when run as a script
 
 TASKS = [

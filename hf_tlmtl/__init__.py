@@ -14,11 +14,12 @@ Example:
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .affinity import TaskAffinityCallback, group_tasks
+from . import _moved_modules
 from .configuration import TimmMultiTaskConfig
+from .hub.pipeline import PIPELINE_TASK, MultiTaskImageClassificationPipeline
 from .image_processing import TimmMultiTaskImageProcessor
 from .modeling import MultiTaskOutput, TimmMultiTaskModel
-from .pipeline import PIPELINE_TASK, MultiTaskImageClassificationPipeline
+from .multitask import TaskAffinityCallback, group_tasks
 from .tasks import TaskSpec
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ if PIPELINE_TASK not in PIPELINE_REGISTRY.supported_tasks:
     PIPELINE_REGISTRY.register_pipeline(
         PIPELINE_TASK, pipeline_class=MultiTaskImageClassificationPipeline, pt_model=AutoModel, type="image"
     )
+_moved_modules.install()
 
 __all__ = [
     "MultiTaskImageClassificationPipeline",

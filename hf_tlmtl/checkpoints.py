@@ -28,6 +28,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .backbone.unwrap import is_peft_model, unwrap
+
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -144,8 +146,6 @@ def _describe_config(config: dict[str, Any]) -> str:
 def checkpoint_mismatch(model: Any, checkpoint: str | os.PathLike) -> str | None:
     """How the weights of Trainer checkpoint ``checkpoint`` differ from ``model``'s (what
     ``Trainer.train(resume_from_checkpoint=...)`` would load into it), or None when they fit."""
-    from .transfer import base_model, is_peft_model
-
     checkpoint = Path(checkpoint)
     found = _checkpoint_weights(checkpoint)
     if found is None:
@@ -181,7 +181,7 @@ def checkpoint_mismatch(model: Any, checkpoint: str | os.PathLike) -> str | None
             described = f"it was written for {_describe_config(read_json(checkpoint / CONFIG_NAME))}: " + described
         except ValueError:
             pass
-    base = base_model(model)
+    base = unwrap(model)
     return f"{described}; this run builds {_describe_config(base.config.to_dict())}"
 
 

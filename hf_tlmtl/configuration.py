@@ -8,7 +8,6 @@ from transformers import PreTrainedConfig
 
 from .tasks import TaskSpec, normalize_tasks
 
-
 HOW_TO_LOAD = (
     "pip install hf_tlmtl; import hf_tlmtl  # before transformers.AutoModel / AutoConfig / pipeline: importing it "
     "registers model_type 'timm_multitask' (no trust_remote_code). Without it transformers says it 'does not "
@@ -60,7 +59,7 @@ class TimmMultiTaskConfig(PreTrainedConfig):
 
     model_type = "timm_multitask"
     # The Trainer drops these output keys when it gathers predictions: only logits are evaluated.
-    keys_to_ignore_at_inference = ["task_losses", "pooled", "hidden_states"]
+    keys_to_ignore_at_inference = ["task_losses", "pooled", "hidden_states", "labelled_tasks"]
 
     backbone: str = "resnet18"
     backbone_source: str | None = None

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-import timm
 import torch
 from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
 from timm.models import parse_model_name
-from timm.models._hub import load_model_config_from_hf, load_model_config_from_path
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
@@ -21,8 +17,16 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
+from .backbone.anatomy import block_class_names
+from .backbone.create import (
+    backbone_data_config,
+    create_backbone,
+    resolve_backbone_source,
+    truncate_backbone,
+)
+from .checkpoints import backbone_load_error, check_model_folder
 from .configuration import TimmMultiTaskConfig
-from .distributed import block_class_names
+from .image_processing import TimmMultiTaskImageProcessor
 from .tasks import TaskSpec, normalize_tasks
 
 logger = logging.get_logger(__name__)
@@ -43,6 +47,10 @@ class MultiTaskOutput(ModelOutput):
         hidden_states: Only with ``output_hidden_states``: the backbone's per-stage features, one
             ``(batch, channels, height, width)`` map per ``backbone.feature_info`` entry (timm's
             ``forward_intermediates``; ViTs give their tokens as a grid).
+        labelled_tasks: The tasks (of those given targets) with at least one labelled row in the batch, in
+            ``task_losses`` order; a task whose targets are all missing has an exact-zero loss and is not
+            here. Kept out of the tuple form (``return_dict=False`` keeps the fields above) and of the
+            predictions the Trainer gathers.
     """
 
     loss: torch.Tensor | None = None
@@ -50,6 +58,11 @@ class MultiTaskOutput(ModelOutput):
     task_losses: dict[str, torch.Tensor] | None = None
     pooled: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    labelled_tasks: tuple[str, ...] | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        """The non-``None`` fields but ``labelled_tasks``, in order (what ``return_dict=False`` returns)."""
+        return tuple(value for key, value in self.items() if key != "labelled_tasks")
 
 
 class HeadLinear(nn.Linear):
@@ -88,136 +101,6 @@ class TaskHead(GradientCheckpointingLayer):
         return self.fc(self.hidden(self.dropout(pooled)))
 
 
-def _suggest_models(name: str) -> str:
-    base = name.split(".")[0]
-    close = difflib.get_close_matches(base, timm.list_models(), n=5, cutoff=0.6)
-    return f" Close names in timm: {close}." if close else " See timm.list_models('*pattern*') for valid names."
-
-
-def _network_error_message(source: str, error: Exception) -> str:
-    return (
-        f"Could not fetch pretrained weights for {source!r} from the Hugging Face Hub "
-        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). The Hub is unreachable "
-        "from here (offline machine, firewall, or HF_HUB_OFFLINE=1). Save the weights on a machine with access "
-        "(timm.models.save_for_hf(timm.create_model(name, pretrained=True), DIR)) and use "
-        "backbone='local-dir:DIR', or pass pretrained=False to start from random weights."
-    )
-
-
-def _is_network_error(error: Exception) -> bool:
-    """Errors the Hub client raises when it cannot reach the Hub (or is told not to)."""
-    if isinstance(error, (ConnectionError, TimeoutError)):
-        return True
-    module = type(error).__module__ or ""
-    return module.startswith(("huggingface_hub", "httpx", "httpcore", "requests", "urllib3")) or (
-        isinstance(error, OSError) and "huggingface" in str(error).lower()
-    )
-
-
-def resolve_backbone_source(name: str, timm_kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Architecture name and creation kwargs for ``name`` (plain timm name, ``hf-hub:`` or ``local-dir:``).
-
-    Validates early: unknown architectures get close-name suggestions, missing folders are named.
-    Saved ``model_args`` of a source checkpoint become defaults of ``timm_kwargs`` so the
-    architecture can be rebuilt later without the source.
-    """
-    try:
-        source, model_id = parse_model_name(name)
-    except ValueError as e:
-        raise ValueError(str(e)) from None
-    model_args: dict[str, Any] = {}
-    if source == "local-dir":
-        if not (Path(model_id) / "config.json").is_file():
-            raise ValueError(
-                f"backbone {name!r}: no timm checkpoint at {model_id!r} (config.json missing). Write one with "
-                "timm.models.save_for_hf(model, DIR) and pass backbone='local-dir:DIR'."
-            )
-        pretrained_cfg, architecture, model_args = load_model_config_from_path(model_id)
-    elif source == "hf-hub":
-        try:
-            pretrained_cfg, architecture, model_args = load_model_config_from_hf(model_id)
-        except Exception as e:  # noqa: BLE001 - re-raised with a clear message
-            if _is_network_error(e):
-                raise ValueError(_network_error_message(name, e)) from e
-            raise
-    else:
-        architecture = name.split(".")[0]
-        if not timm.is_model(architecture):
-            raise ValueError(f"Unknown timm architecture {architecture!r} (timm {timm.__version__}).{_suggest_models(name)}")
-        return name, dict(timm_kwargs)
-    if not timm.is_model(architecture):
-        raise ValueError(
-            f"backbone {name!r} uses architecture {architecture!r}, which timm {timm.__version__} does not know: "
-            "upgrade timm (pip install -U timm)."
-        )
-    # The source's classifier size is irrelevant: heads replace it.
-    saved_args = {k: v for k, v in (model_args or {}).items() if k != "num_classes"}
-    return architecture, {**saved_args, **timm_kwargs}
-
-
-def create_backbone(name: str, pretrained: bool = False, **timm_kwargs: Any) -> nn.Module:
-    """``timm.create_model(name, num_classes=0)`` with errors that say what to do."""
-    try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=0, **timm_kwargs)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise ValueError(f"Unknown timm architecture {name!r} (timm {timm.__version__}).{_suggest_models(name)}") from e
-        if pretrained and _is_network_error(e.__cause__ or e):
-            raise ValueError(_network_error_message(name, e)) from e
-        raise
-    except Exception as e:  # noqa: BLE001 - re-raised with a clear message
-        if pretrained and _is_network_error(e):
-            raise ValueError(_network_error_message(name, e)) from e
-        raise
-
-
-def _pool_type(backbone: nn.Module) -> str:
-    """The backbone's global pooling type, wherever the family keeps it."""
-    for owner in (backbone, getattr(backbone, "head", None)):
-        pool = getattr(owner, "global_pool", None)
-        if isinstance(pool, str) and pool:
-            return pool
-        if getattr(pool, "pool_type", None):
-            return pool.pool_type
-    return "avg"
-
-
-def truncate_backbone(backbone: nn.Module, stage: int) -> None:
-    """Keep the backbone up to ``feature_info[stage]`` (timm's ``prune_intermediate_layers``), pooled."""
-    if not hasattr(backbone, "prune_intermediate_layers"):
-        raise ValueError(
-            f"{type(backbone).__name__} has no prune_intermediate_layers, so it cannot be truncated. Families "
-            "that support it include ResNet, ConvNeXt, EfficientNet, ViT/DeiT/EVA, Swin, MaxViT, RegNet; "
-            "use strategy='partial' instead."
-        )
-    num_stages = len(backbone.feature_info)
-    if not 0 <= stage < num_stages - 1:
-        raise ValueError(
-            f"truncate_stage={stage} is out of range: {type(backbone).__name__} has {num_stages} stages "
-            f"(feature_info indices 0..{num_stages - 1}); keep one of 0..{num_stages - 2} to drop at least the top stage."
-        )
-    pool = _pool_type(backbone)
-    backbone.prune_intermediate_layers(indices=[stage], prune_head=True, prune_norm=False)
-    # Pruning removes global pooling too; the heads need pooled features.
-    backbone.reset_classifier(0, pool)
-
-
-def backbone_data_config(backbone: nn.Module, image_size: int | Sequence[int] | None = None) -> dict[str, Any]:
-    """timm's data config (input size, mean, std, interpolation, crop) of a built backbone.
-
-    ``image_size`` (an int or ``(height, width)``) replaces the input size, e.g. for a ViT built
-    with ``img_size=``.
-
-    Example:
-        >>> import timm
-        >>> backbone_data_config(timm.create_model("test_resnet"), image_size=32)["input_size"]
-        (3, 32, 32)
-    """
-    data_config = timm.data.resolve_model_data_config(backbone)
-    if image_size is not None:
-        size = tuple(image_size) if isinstance(image_size, (list, tuple)) else (image_size, image_size)
-        data_config["input_size"] = (data_config["input_size"][0], *size)
-    return data_config
 
 
 def _drop_load_report(record: Any) -> bool:
@@ -228,8 +111,6 @@ def _drop_load_report(record: Any) -> bool:
 def _check_saved_folder(path: Any, kwargs: dict[str, Any]) -> None:
     """A local folder: valid config.json and safetensors weights (see :mod:`hf_tlmtl.checkpoints`)."""
     if isinstance(path, (str, os.PathLike)) and kwargs.get("state_dict") is None:
-        from .checkpoints import check_model_folder
-
         check_model_folder(path, allow_pickle=kwargs.get("use_safetensors") is False)
 
 
@@ -237,17 +118,6 @@ def _same_head(old: TaskSpec, new: TaskSpec) -> bool:
     """A saved head serves a new task of its name only if type, size and class names (when both have them) match."""
     same_labels = old.labels is None or new.labels is None or old.labels == new.labels
     return old.type == new.type and old.num_outputs == new.num_outputs and same_labels
-
-
-@torch.no_grad()
-def _reinit_heads(model: "TimmMultiTaskModel", names: list[str]) -> None:
-    """Fresh weights for heads that a same-shaped but different saved head was loaded into (torch's own
-    init: transformers' ``init`` functions skip weights that the load marked as initialised)."""
-    for name in names:
-        for module in model.heads[name].modules():
-            if isinstance(module, HeadLinear):
-                nn.init.trunc_normal_(module.weight, std=model.config.initializer_range)
-                nn.init.zeros_(module.bias)
 
 
 def _supports_grad_checkpointing(backbone: nn.Module) -> bool:
@@ -381,13 +251,60 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
             truncate_backbone(self.backbone, config.truncate_stage)
         # FSDP's wrap units (accelerate's transformer_based_wrap, the Trainer's --fsdp auto_wrap): timm's blocks.
         self._no_split_modules = block_class_names(self.backbone)
-        self.heads = nn.ModuleDict(
-            {
-                t.name: TaskHead(self.head_in_features, t.num_outputs, config.head_hidden_size, config.head_dropout)
-                for t in self.tasks
-            }
-        )
+        self.heads = nn.ModuleDict({t.name: self._new_head(t) for t in self.tasks})
         self.post_init()
+
+    # ---------------------------------------------------------------------------------- heads
+    def _new_head(self, task: TaskSpec) -> TaskHead:
+        """The one place a head is built: width of the backbone's pooled features, the config's head settings."""
+        return TaskHead(self.head_in_features, task.num_outputs, self.config.head_hidden_size, self.config.head_dropout)
+
+    @torch.no_grad()
+    def reset_heads(self, names: Sequence[str] | None = None) -> list[str]:
+        """New, freshly initialised heads for the tasks ``names`` (default: all), for the backbone's current width.
+
+        Heads are initialised as the model initialises them (truncated normal weights, zero biases), with
+        torch's own functions: transformers' skip weights that a load marked as initialised. They land on the
+        backbone's device and dtype. Returns the names reset.
+
+        Example:
+            >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+            >>> m = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
+            >>> old = m.heads["y"]; m.reset_heads(["y"]), m.heads["y"] is old, m.heads["y"].fc.bias.abs().sum().item()
+            (['y'], False, 0.0)
+        """
+        names = list(self.heads) if names is None else list(names)
+        reference = next(self.backbone.parameters())
+        for name in names:
+            head = self._new_head(self.get_task(name))
+            for module in head.modules():
+                if isinstance(module, HeadLinear):
+                    nn.init.trunc_normal_(module.weight, std=self.config.initializer_range)
+                    nn.init.zeros_(module.bias)
+            self.heads[name] = head.to(device=reference.device, dtype=reference.dtype)
+        return names
+
+    def truncate(self, stage: int) -> "TimmMultiTaskModel":
+        """Cut the backbone after ``feature_info[stage]`` (timm's ``prune_intermediate_layers``), in place.
+
+        ``config.truncate_stage`` records the cut, so the model saves and reloads truncated; every head is
+        rebuilt for the width of the stage kept (:meth:`reset_heads`). Returns the model.
+
+        Example:
+            >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+            >>> m = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
+            >>> m.truncate(2).config.truncate_stage, m.head_in_features, m.heads["y"].fc.in_features
+            (2, 48, 48)
+        """
+        if self.config.truncate_stage is not None:
+            raise ValueError(
+                f"The model is already truncated at stage {self.config.truncate_stage}; cannot cut again at {stage}. "
+                "Truncate the untruncated source model instead."
+            )
+        truncate_backbone(self.backbone, stage)
+        self.config.truncate_stage = int(stage)
+        self.reset_heads()
+        return self
 
     # ---------------------------------------------------------------------------- construction
     @classmethod
@@ -478,7 +395,7 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
             model = cls._load_checked(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
         finally:
             load_logger.removeFilter(_drop_load_report)
-        _reinit_heads(model, [name for name in fresh if name in old])  # same name and size, other task: not reused
+        model.reset_heads([name for name in fresh if name in old])  # same name and size, other task: not reused
         logger.warning(
             "Re-headed %s: reused heads %s, new heads %s, dropped heads %s.",
             pretrained_model_name_or_path, reused, fresh, sorted(set(old) - {t.name for t in new}),
@@ -493,8 +410,6 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
         With ``output_loading_info=True`` the caller asked to inspect what is missing itself (transformers'
         contract, which its common tests check): the problem is logged and the model returned with the info.
         """
-        from .checkpoints import backbone_load_error
-
         kwargs.setdefault("use_safetensors", True)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(path, *model_args, output_loading_info=True, **kwargs)
@@ -673,12 +588,22 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
         else:
             features = self._grad_for_reentrant(self._as_model_input(features))
         logits = {name: head(features) for name, head in self.heads.items()}
-        task_losses = {name: self._task_by_name[name].compute_loss(logits[name], target) for name, target in targets.items()}
+        task_losses, labelled = {}, []
+        for name, target in targets.items():
+            task = self._task_by_name[name]
+            task_losses[name], has_labels = task.loss_and_presence(logits[name], target)
+            if has_labels:
+                labelled.append(name)
         loss = None
         if task_losses:
             loss = sum(self._task_by_name[name].weight * value for name, value in task_losses.items())
         output = MultiTaskOutput(
-            loss=loss, logits=logits, task_losses=task_losses or None, pooled=features, hidden_states=hidden_states
+            loss=loss,
+            logits=logits,
+            task_losses=task_losses or None,
+            pooled=features,
+            hidden_states=hidden_states,
+            labelled_tasks=tuple(labelled) if targets else None,
         )
         return output if return_dict else output.to_tuple()
 
@@ -688,6 +613,4 @@ class TimmMultiTaskModel(TimmMultiTaskPreTrainedModel):
         ``config.data_config``) so that ``AutoImageProcessor.from_pretrained(save_directory)`` works."""
         super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
         if self.should_save_on_this_rank(is_main_process):
-            from .image_processing import TimmMultiTaskImageProcessor  # local: keeps modeling free of processor imports
-
             TimmMultiTaskImageProcessor.from_config(self.config).save_pretrained(save_directory)

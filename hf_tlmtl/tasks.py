@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import keyword
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable, Literal, Sequence
 
 import torch
@@ -208,15 +208,26 @@ class TaskSpec:
 
     def compute_loss(self, logits: torch.Tensor, target: Any) -> torch.Tensor:
         """Mean loss over the labelled entries; ``0`` (connected to ``logits``) when none is labelled."""
+        return self.loss_and_presence(logits, target)[0]
+
+    def loss_and_presence(self, logits: torch.Tensor, target: Any) -> tuple[torch.Tensor, bool]:
+        """:meth:`compute_loss` and whether any entry of ``target`` is labelled: the one place presence is decided.
+
+        Example:
+            >>> import torch
+            >>> task = TaskSpec(name="age", type="regression")
+            >>> loss, present = task.loss_and_presence(torch.zeros(2, 1), torch.tensor([float("nan"), float("nan")]))
+            >>> float(loss), present
+            (0.0, False)
+        """
         target = self.prepare_target(target, logits.shape[0]).to(logits.device)
         mask = self.label_mask(target)
         if not bool(mask.any()):
             # Keeps the graph connected so DDP / optimisers see a zero gradient, not a missing one.
-            return logits.sum() * 0.0
+            return logits.sum() * 0.0, False
         if self.type == "classification":
-            return F.cross_entropy(
-                logits.float(), target, ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing
-            )
+            loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing)
+            return loss, True
         logits = logits.float()
         safe_target = torch.where(mask, target, torch.zeros_like(target))
         if self.type == "multilabel":
@@ -229,7 +240,7 @@ class TaskSpec:
             elementwise = F.huber_loss(logits, safe_target, reduction="none", delta=self.huber_delta)
         else:
             elementwise = F.smooth_l1_loss(logits, safe_target, reduction="none", beta=self.huber_delta)
-        return (elementwise * mask).sum() / mask.sum()
+        return (elementwise * mask).sum() / mask.sum(), True
 
     # ----------------------------------------------------------------------------- prediction
     def predict(self, logits: torch.Tensor) -> torch.Tensor:

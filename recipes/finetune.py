@@ -15,7 +15,7 @@ Writes into ``output_dir``: the model (``config.json`` + ``model.safetensors``, 
 ``training_curves.png``, ``trainer_state.json``, the model card ``README.md`` and
 ``checkpoint-*`` folders for ``--resume_from_checkpoint true``. ``--overwrite_output_dir true`` sets a
 previous run aside (``output_dir/.previous-run``) until this run's first checkpoint or final model,
-and puts it back if this run fails first (``hf_tlmtl.run_folder``).
+and puts it back if this run fails first (``hf_tlmtl.training.run_folder``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402
 import hf_tlmtl  # noqa: E402,F401  (registers the Auto classes)
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel  # noqa: E402
 from hf_tlmtl.checkpoints import check_model_folder, checkpoint_mismatch  # noqa: E402
-from hf_tlmtl.cli import (  # noqa: E402
+from hf_tlmtl.training.cli import (  # noqa: E402
     YAML_SUFFIXES,
     UsageError,
     known_arguments,
@@ -52,14 +52,14 @@ from hf_tlmtl.cli import (  # noqa: E402
     run_or_exit,
     yaml_to_argv,
 )
-from hf_tlmtl.cli import build_parser as build_dataclass_parser  # noqa: E402
-from hf_tlmtl.curves import plot_training_curves  # noqa: E402
+from hf_tlmtl.training.cli import build_parser as build_dataclass_parser  # noqa: E402
+from hf_tlmtl.multitask.curves import plot_training_curves  # noqa: E402
 from hf_tlmtl.data import MultiTaskCollator, build_transforms, prepare_dataset  # noqa: E402
-from hf_tlmtl.distributed import describe_sharding, full_state_dict  # noqa: E402
-from hf_tlmtl.run_folder import SET_ASIDE_DIR, DropSetAsideOnSave, drop_set_aside, restore, set_aside  # noqa: E402
-from hf_tlmtl.sources import load_image_dataset, resolve_tasks  # noqa: E402
-from hf_tlmtl.streaming import load_streaming_dataset, read_per_process  # noqa: E402
-from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments  # noqa: E402
+from hf_tlmtl.training.distributed import describe_sharding, full_state_dict  # noqa: E402
+from hf_tlmtl.training.run_folder import SET_ASIDE_DIR, DropSetAsideOnSave, drop_set_aside, restore, set_aside  # noqa: E402
+from hf_tlmtl.data.sources import load_image_dataset, resolve_tasks  # noqa: E402
+from hf_tlmtl.data.streaming import load_streaming_dataset, read_per_process  # noqa: E402
+from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments  # noqa: E402
 from hf_tlmtl.transfer import (  # noqa: E402
     SMALL_DATASET_MAX_SAMPLES,
     is_peft_model,
@@ -152,7 +152,7 @@ class DataArguments:
         metadata={"help": "Stream --dataset (Hub id, folder of Parquet/CSV/JSON-lines files or images, one table) with "
                   "datasets' streaming=True instead of loading it: needs --max_steps and a validation split (read "
                   "into memory; --n_eval keeps its first rows). Processes split the stream by its files "
-                  "(hf_tlmtl.streaming)."},
+                  "(hf_tlmtl.data.streaming)."},
     )
 
 

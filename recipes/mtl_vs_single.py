@@ -28,13 +28,13 @@ import torch
 from transformers import set_seed
 
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-from hf_tlmtl.balancing import BALANCERS
-from hf_tlmtl.cli import UsageError, build_parser, parse_experiment_argv, run_or_exit
+from hf_tlmtl.multitask.balancing import BALANCERS
+from hf_tlmtl.training.cli import UsageError, build_parser, parse_experiment_argv, run_or_exit
 from hf_tlmtl.data import MultiTaskCollator, prepare_dataset
-from hf_tlmtl.embedded import SHAPES_FEATURES, load_embedded_dataset
-from hf_tlmtl.metrics import LOWER_IS_BETTER, MAIN_METRIC, delta_m
-from hf_tlmtl.sources import infer_tasks
-from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
+from hf_tlmtl.data.embedded import SHAPES_FEATURES, load_embedded_dataset
+from hf_tlmtl.multitask.metrics import LOWER_IS_BETTER, MAIN_METRIC, delta_m
+from hf_tlmtl.data.sources import infer_tasks
+from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
 
 
 @dataclass

@@ -13,7 +13,7 @@ probability >= ``--threshold``, joined by ``|``) and ``<task>_<label>`` probabil
 ``<task>`` (or ``<task>_<output>`` for several outputs). ``.json`` / ``.jsonl``: the same per
 image as nested records, classification with the probability of every class (or of the
 ``--top_k`` most probable). Images go through the pipeline in batches of its default size
-(``hf_tlmtl.pipeline.DEFAULT_BATCH_SIZE``) unless ``--batch_size`` says otherwise. An existing output
+(``hf_tlmtl.hub.pipeline.DEFAULT_BATCH_SIZE``) unless ``--batch_size`` says otherwise. An existing output
 file is only replaced with ``--overwrite true``. Bad input exits with code 2 and one ``error:`` line.
 """
 
@@ -34,8 +34,8 @@ from transformers import HfArgumentParser
 
 import hf_tlmtl  # noqa: F401  (registers AutoModel and the pipeline)
 from hf_tlmtl.checkpoints import check_model_folder
-from hf_tlmtl.pipeline import DEFAULT_BATCH_SIZE, PIPELINE_TASK
-from hf_tlmtl.sources import TABLE_FORMATS, embedded_dataset_names, load_image_dataset, load_table
+from hf_tlmtl.hub.pipeline import DEFAULT_BATCH_SIZE, PIPELINE_TASK
+from hf_tlmtl.data.sources import TABLE_FORMATS, embedded_dataset_names, load_image_dataset, load_table
 from hf_tlmtl.tasks import TaskSpec
 
 OUTPUT_FORMATS = (".csv", ".json", ".jsonl")

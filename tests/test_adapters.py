@@ -17,7 +17,7 @@ from torch import nn
 import hf_tlmtl  # noqa: F401 - registers the Auto classes
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
 from hf_tlmtl.adapters import METHODS, apply_lora, auto_target_modules, load_adapter, merge_adapter, unsharded_copy
-from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
+from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
 from fake_data import random_task_dataset
 
 IMAGE = 32
@@ -366,12 +366,14 @@ def test_duplicate_adapter_name_and_mixed_methods_are_refused():
         apply_lora(peft_model, r=4, adapter_name="colors", method="loha")
 
 
-def test_base_model_unwraps_the_peft_wrapper():
-    from hf_tlmtl.transfer import base_model
+def test_unwrap_unwraps_the_peft_wrapper():
+    from hf_tlmtl.backbone import unwrap
+    from hf_tlmtl.transfer import base_model  # its name before it moved to the backbone floor
 
+    assert base_model is unwrap
     model = make_model("vit")
     peft_model = apply_lora(model, r=2, alpha=4)
-    assert base_model(peft_model) is model and type(base_model(peft_model)) is TimmMultiTaskModel
+    assert unwrap(peft_model) is model and type(unwrap(peft_model)) is TimmMultiTaskModel
 
 
 def test_summary_counts_each_head_once_under_lora():

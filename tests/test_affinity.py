@@ -12,20 +12,19 @@ import pytest
 import torch
 
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-from hf_tlmtl.affinity import (
+from hf_tlmtl.multitask.affinity import (
     AFFINITY_JSON,
     AFFINITY_PNG,
     AFFINITY_STATE,
     AffinityMatrix,
     TaskAffinityCallback,
-    group_tasks,
-    grouping_score,
     measure_affinity,
 )
+from hf_tlmtl.multitask.grouping import group_tasks, grouping_score
 from hf_tlmtl.data import prepare_dataset
-from hf_tlmtl.embedded import COLORS, SIZE_CLASSES, WARM_COLORS, load_embedded_dataset
-from hf_tlmtl.sources import infer_tasks
-from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
+from hf_tlmtl.data.embedded import COLORS, SIZE_CLASSES, WARM_COLORS, load_embedded_dataset
+from hf_tlmtl.data.sources import infer_tasks
+from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
 
 SIZE = 32
 

@@ -207,7 +207,7 @@ def _trainer_check(tmp_path: Path, **kwargs) -> None:
     from datasets import Dataset
 
     from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-    from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
+    from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
 
     model = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")], image_size=32)
     rows = Dataset.from_dict({"pixel_values": torch.zeros(4, 3, 32, 32).numpy(), "y": [0.0] * 4}).with_format("torch")

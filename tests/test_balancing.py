@@ -12,17 +12,16 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-from hf_tlmtl.balancing import (
+from hf_tlmtl.multitask.balancing import BALANCERS, build_balancer
+from hf_tlmtl.training.balancer_state import (
     BALANCER_STATE_NAME,
     BALANCER_WEIGHTS_NAME,
-    BALANCERS,
-    build_balancer,
     load_balancer_state,
     save_balancer_state,
 )
 from hf_tlmtl.data import MultiTaskCollator, prepare_dataset
-from hf_tlmtl.embedded import load_embedded_dataset
-from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
+from hf_tlmtl.data.embedded import load_embedded_dataset
+from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
 
 IMAGE_SIZE = 32
 LOSSES = {"shape": torch.tensor(1.5), "scale": torch.tensor(0.8), "marks": torch.tensor(0.6)}

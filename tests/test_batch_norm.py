@@ -12,9 +12,9 @@ from torch import nn
 
 import hf_tlmtl  # noqa: F401 - registers the Auto classes
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-from hf_tlmtl.batch_norm import batch_norm_layers, batch_norm_state, frozen_batch_norm_layers, recalibrate_batch_norm
+from hf_tlmtl.transfer.batch_norm import batch_norm_layers, batch_norm_state, frozen_batch_norm_layers, recalibrate_batch_norm
 from hf_tlmtl.data import MultiTaskCollator
-from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
+from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
 from hf_tlmtl.transfer import apply_transfer_strategy, backbone_groups, resolve_keep_depth, truncation_points
 from fake_data import random_task_dataset
 

@@ -1,4 +1,4 @@
-"""hf_tlmtl.cli: YAML + command line on HfArgumentParser, "did you mean", the experiment argv split (no training)."""
+"""hf_tlmtl.training.cli: YAML + command line on HfArgumentParser, "did you mean", the experiment argv split (no training)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from hf_tlmtl.cli import (
+from hf_tlmtl.training.cli import (
     UsageError,
     build_parser,
     did_you_mean,

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
 from hf_tlmtl.data import MultiTaskCollator, build_transforms, prepare_dataset
-from hf_tlmtl.embedded import load_embedded_dataset
+from hf_tlmtl.data.embedded import load_embedded_dataset
 
 SIZE = 32
 

@@ -1,4 +1,4 @@
-"""hf_tlmtl.distributed in one process: FSDP wrap units from timm's blocks, refused FSDP combinations,
+"""hf_tlmtl.training.distributed in one process: FSDP wrap units from timm's blocks, refused FSDP combinations,
 and the shipped accelerate configs (parsed by accelerate itself). The 2-process runs are in
 test_recipe_fsdp.py / test_recipe_distributed.py."""
 
@@ -10,9 +10,10 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-from hf_tlmtl.balancing import build_balancer
-from hf_tlmtl.distributed import block_class_names, check_fsdp_setup
-from hf_tlmtl.trainer import MultiTaskTrainingArguments
+from hf_tlmtl.multitask.balancing import build_balancer
+from hf_tlmtl.backbone import block_class_names
+from hf_tlmtl.training.distributed import check_fsdp_setup
+from hf_tlmtl.training import MultiTaskTrainingArguments
 from recipe_utils import REPO
 
 TASKS = [TaskSpec(name="a", type="regression"), TaskSpec(name="b", type="classification", num_labels=3)]

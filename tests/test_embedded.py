@@ -7,7 +7,7 @@ import pytest
 from datasets import ClassLabel, DatasetDict, Image, List, Value
 
 from hf_tlmtl import embedded
-from hf_tlmtl.embedded import COLORS, PHOTOS, SHAPES, load_embedded_dataset
+from hf_tlmtl.data.embedded import COLORS, PHOTOS, SHAPES, load_embedded_dataset
 
 
 def _pixels(dataset) -> np.ndarray:

@@ -12,8 +12,8 @@ import torch
 
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
 from hf_tlmtl.data import MultiTaskCollator, build_transforms, cache_features, prepare_dataset
-from hf_tlmtl.embedded import load_embedded_dataset
-from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
+from hf_tlmtl.data.embedded import load_embedded_dataset
+from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
 from hf_tlmtl.transfer import apply_transfer_strategy
 
 SIZE = 32
@@ -144,9 +144,8 @@ def test_heads_trained_on_cache_equal_heads_trained_on_the_fly(shapes, tmp_path,
 
 
 def test_cache_features_needs_feature_extraction(shapes, tmp_path):
-    model = _model(shapes)
-    args = MultiTaskTrainingArguments(
-        output_dir=str(tmp_path), transfer_strategy="fine_tune", cache_features=True, report_to="none", use_cpu=True
-    )
+    # Refused when the arguments are made, before a trainer (or the model) is touched.
     with pytest.raises(ValueError, match="cache_features=True needs transfer_strategy='feature_extraction'"):
-        MultiTaskTrainer(model=model, args=args, train_dataset=shapes["train"])
+        MultiTaskTrainingArguments(
+            output_dir=str(tmp_path), transfer_strategy="fine_tune", cache_features=True, report_to="none", use_cpu=True
+        )

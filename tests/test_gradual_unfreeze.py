@@ -10,7 +10,7 @@ from timm.models import group_parameters
 from transformers import TrainerCallback
 
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
+from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
 from hf_tlmtl.transfer import backbone_groups
 from fake_data import random_task_dataset
 

@@ -31,7 +31,7 @@ from hf_tlmtl.hub import (
     metrics_from_card,
     push_model_to_hub,
 )
-from hf_tlmtl.trainer import MultiTaskTrainingArguments
+from hf_tlmtl.training import MultiTaskTrainingArguments
 from hf_tlmtl.transfer import apply_transfer_strategy, recommend_strategy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

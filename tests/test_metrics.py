@@ -16,7 +16,7 @@ from sklearn.metrics import (
 from transformers import EvalPrediction
 
 from hf_tlmtl import TaskSpec
-from hf_tlmtl.metrics import build_compute_metrics, delta_m, task_metrics
+from hf_tlmtl.multitask.metrics import build_compute_metrics, delta_m, task_metrics
 
 RNG = np.random.default_rng(0)
 N = 40

@@ -9,8 +9,8 @@ from timm.models import group_parameters
 from torch import nn
 
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-from hf_tlmtl.optim import layer_decay_param_groups
-from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
+from hf_tlmtl.transfer.layer_decay import layer_decay_param_groups
+from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
 from hf_tlmtl.transfer import backbone_groups
 from fake_data import random_task_dataset
 

@@ -13,9 +13,9 @@ from transformers import TrainerCallback
 
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
 from hf_tlmtl.data import MultiTaskCollator, prepare_dataset
-from hf_tlmtl.embedded import load_embedded_dataset
-from hf_tlmtl.partial_labels import concatenate_partially_labelled
-from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
+from hf_tlmtl.data.embedded import load_embedded_dataset
+from hf_tlmtl.data.partial_labels import concatenate_partially_labelled
+from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
 
 IMAGE_SIZE = 32
 

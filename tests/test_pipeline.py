@@ -12,7 +12,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 import hf_tlmtl  # noqa: F401 - registers the model and the pipeline
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
 from hf_tlmtl.data import build_transforms
-from hf_tlmtl.pipeline import PIPELINE_TASK, MultiTaskImageClassificationPipeline
+from hf_tlmtl.hub.pipeline import PIPELINE_TASK, MultiTaskImageClassificationPipeline
 
 TASKS = [
     TaskSpec(name="shape", type="classification", labels=["square", "ellipse", "heart", "star"]),
@@ -144,7 +144,7 @@ def test_bad_call_arguments(saved):
 
 def test_lists_are_batched_by_default(saved):
     """No batch_size given: DEFAULT_BATCH_SIZE images per forward (transformers' default is 1), same answers."""
-    from hf_tlmtl.pipeline import DEFAULT_BATCH_SIZE
+    from hf_tlmtl.hub.pipeline import DEFAULT_BATCH_SIZE
 
     folder, images, paths = saved
     pipe = pipeline(PIPELINE_TASK, model=str(folder), device="cpu")

@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from hf_tlmtl.balancing import BALANCER_OPTIMIZER_NAME, BALANCER_WEIGHTS_NAME
+from hf_tlmtl.training.balancer_state import BALANCER_OPTIMIZER_NAME, BALANCER_WEIGHTS_NAME
 
 from recipe_utils import assert_same_tensors, assert_same_training, FSDP2_CONFIG, TINY, TWO_CPU_PROCESSES, check_ok, run_finetune, run_launch, summary
 

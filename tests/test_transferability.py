@@ -13,7 +13,7 @@ from datasets import ClassLabel, Dataset, Features, Image, Value
 from scipy.stats import multivariate_normal
 
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-from hf_tlmtl.embedded import load_embedded_dataset
+from hf_tlmtl.data.embedded import load_embedded_dataset
 from hf_tlmtl.transfer import recommend_strategy
 from hf_tlmtl.transferability import (
     METHODS,

@@ -39,7 +39,7 @@ from sklearn.metrics import (
     root_mean_squared_error,
 )
 
-from .tasks import IGNORE_INDEX, TaskSpec
+from ..tasks import IGNORE_INDEX, TaskSpec
 
 METRICS_BY_TYPE: dict[str, tuple[str, ...]] = {
     "classification": ("accuracy", "macro_f1"),

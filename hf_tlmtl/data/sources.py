@@ -37,13 +37,16 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from PIL import Image as PILImage
 
-from .tasks import IGNORE_INDEX, TASK_TYPES, TaskSpec
+from ..tasks import IGNORE_INDEX, TASK_TYPES, TaskSpec
+from . import embedded
+from .embedded import load_embedded_dataset
+from .labels import INT_DTYPES
+from .preparation import check_image_column
 
 TABLE_FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".pq": "parquet", ".json": "json", ".jsonl": "json"}
 """File suffixes read as tables (one row per image), and the ``datasets`` builder for each."""
 
 _STRING_DTYPES = ("string", "large_string")
-_INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 
 
 def embedded_dataset_names() -> list[str]:
@@ -53,8 +56,6 @@ def embedded_dataset_names() -> list[str]:
         >>> embedded_dataset_names()
         ['digits', 'photos', 'shapes', 'shapes_affinity']
     """
-    from . import embedded
-
     names = getattr(embedded, "EMBEDDED_DATASETS", None) or getattr(embedded, "_BUILDERS", {})
     return sorted(names)
 
@@ -100,8 +101,6 @@ def load_image_dataset(
     """
     embedded = embedded_dataset_names()
     if source in embedded:
-        from .embedded import load_embedded_dataset
-
         sizes = {k: v for k, v in {"n_train": n_train, "n_eval": n_eval}.items() if v is not None}
         return load_embedded_dataset(source, image_size=image_size, seed=seed, **sizes)
     if not 0.0 < validation_fraction < 1.0:
@@ -113,7 +112,7 @@ def load_image_dataset(
         data = DatasetDict({"train": load_table(path, image_column, verify_images)})
     elif path.is_dir():
         data = _load_image_folder(path, image_column, verify_images)
-    elif _looks_like_local_path(source):
+    elif looks_like_local_path(source):
         raise ValueError(
             f"Dataset {source!r} not found: it is not an embedded dataset ({embedded}), an existing folder or a "
             f"table file ({', '.join(sorted(TABLE_FORMATS))}). Check the path."
@@ -121,7 +120,7 @@ def load_image_dataset(
     else:
         data = _load_hub_dataset(source)
     data = _with_validation_split(data, validation_fraction, seed)
-    _check_image_column(data["train"], image_column)
+    check_image_column(data["train"], image_column)
     limits = {"train": n_train, "validation": n_eval}
     return DatasetDict(
         {
@@ -131,7 +130,7 @@ def load_image_dataset(
     )
 
 
-def _looks_like_local_path(source: str) -> bool:
+def looks_like_local_path(source: str) -> bool:
     """A Hub id is ``name`` or ``org/name``; anything else that does not exist is a mistyped path."""
     return (
         Path(source).is_absolute()
@@ -241,20 +240,6 @@ def _verify_images(dataset: Dataset, image_column: str, where: str) -> None:
             raise ValueError(
                 f"Unreadable image file {name} (row {row}{where}): {type(e).__name__}: {e}; replace or drop it."
             ) from None
-
-
-def _check_image_column(dataset: Dataset, image_column: str) -> None:
-    if image_column not in dataset.column_names:
-        close = difflib.get_close_matches(image_column, dataset.column_names, n=1)
-        raise ValueError(
-            f"Image column {image_column!r} not found; the columns are {dataset.column_names}. Pass --image_column "
-            + (f"{close[0]}." if close else "NAME.")
-        )
-    if not isinstance(dataset.features[image_column], datasets.Image):
-        raise ValueError(
-            f"Column {image_column!r} holds {dataset.features[image_column]}, not images; pass --image_column with the "
-            "column of images or image paths."
-        )
 
 
 def _with_validation_split(data: DatasetDict, fraction: float, seed: int) -> DatasetDict:
@@ -574,7 +559,7 @@ def _task_spec(data: DatasetDict, column: str, request: dict[str, Any], image_co
     feature = data["train"].features[column]
     inferred_kind, labels = _kind_from_feature(feature)
     kind = request.get("type") or inferred_kind
-    is_int = isinstance(feature, Value) and feature.dtype in _INT_DTYPES
+    is_int = isinstance(feature, Value) and feature.dtype in INT_DTYPES
     if kind is None:
         hint = f"{request['name']}:classification:NUM_CLASSES" if is_int else f"{request['name']}:regression"
         raise ValueError(f"Cannot infer a task type for column {column!r} ({feature}); state it, e.g. --tasks {hint}.")

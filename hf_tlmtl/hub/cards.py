@@ -1,14 +1,10 @@
-"""Sharing on the Hugging Face Hub: model cards, adapter cards and one-commit uploads.
+"""Model cards: :func:`create_model_card` and :func:`metrics_from_card`.
 
 - :func:`create_model_card` renders the packaged Jinja template ``hf_tlmtl/model_cards/model_card.md``
   with ``huggingface_hub.ModelCard``: YAML metadata (license, ``library_name: transformers``,
   tags, ``base_model``, datasets, ``pipeline_tag``, a ``model-index`` with one entry per task
   and metric) and a body (backbone, parameters, tasks, transfer, hyperparameters, results,
   ``delta_m``, training curves, usage, limitations).
-- :func:`create_adapter_card` writes a card for a PEFT adapter saved on its own, naming its base model.
-- :func:`push_model_to_hub` uploads a saved model folder (weights, config, preprocessor config,
-  card, curves) and its adapters in one commit; :func:`metrics_from_card` reads the per-task
-  metrics back from a card's ``model-index``.
 
 ``library_name`` is ``transformers``: the model loads with ``AutoModel`` (after ``import
 hf_tlmtl``), which is what the Hub's "Use this model" snippet shows for that library; ``timm``
@@ -32,21 +28,23 @@ import importlib.resources
 import math
 import os
 import re
-import tempfile
 from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from huggingface_hub import CommitInfo, CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, get_token
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-from huggingface_hub.utils import filter_repo_objects, validate_repo_id
+from huggingface_hub import (
+    EvalResult,
+    ModelCard,
+    ModelCardData,
+)
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from timm.models import get_pretrained_cfg, parse_model_name
-from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME
 
-from .configuration import TimmMultiTaskConfig
-from .modeling import _is_network_error
-from .tasks import TaskSpec
-from .transfer import base_model, is_peft_model
+from ..backbone.unwrap import is_peft_model, unwrap
+from ..configuration import TimmMultiTaskConfig
+from ..multitask.metrics import METRICS_BY_TYPE
+from ..tasks import TaskSpec
 
 LIBRARY_NAME = "transformers"
 PIPELINE_TAG = "image-classification"
@@ -56,19 +54,8 @@ MODEL_CARD_TEMPLATE = "model_card.md"
 ADAPTER_CARD_TEMPLATE = "adapter_card.md"
 CARD_NAME = "README.md"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
-# Never uploaded from a model folder: Trainer checkpoints, hidden files, and pickles (weights are safetensors).
-DEFAULT_IGNORE_PATTERNS = (
-    "checkpoint-*",
-    "checkpoint-*/*",
-    ".*",
-    "*/.*",
-    "__pycache__/*",
-    "*.bin",
-    "*.pt",
-    "*.pth",
-    "*.pkl",
-    "*.ckpt",
-)
+
+
 # What huggingface_hub's default template (peft writes it for a fresh adapter) starts its body with.
 _DEFAULT_CARD_HEADING = "# Model Card for Model ID"
 _EVAL_PREFIX = re.compile(r"^(eval|test|validation|val|predict)_")
@@ -111,8 +98,6 @@ _HYPERPARAMETERS = (
 _LORA_HYPERPARAMETERS = ("lora_r", "lora_alpha", "lora_target_modules")
 
 
-class PushToHubError(ConnectionError):
-    """The Hub could not be reached or refused the upload; the local folder is complete and untouched."""
 
 
 # ------------------------------------------------------------------------------------ template
@@ -249,8 +234,6 @@ def normalize_metrics(metrics: Mapping[str, Any] | None, tasks: Sequence[TaskSpe
 
 
 def _known_metric_names() -> list[str]:
-    from .metrics import METRICS_BY_TYPE
-
     return sorted({m for ms in METRICS_BY_TYPE.values() for m in ms}, key=len, reverse=True)
 
 
@@ -368,7 +351,7 @@ def _task_rows(tasks: Sequence[TaskSpec]) -> list[dict[str, Any]]:
 
 def _unwrap(model: Any) -> tuple[Any, Any | None]:
     """``(TimmMultiTaskModel, peft model or None)``; a clear error for anything else."""
-    return base_model(model), (model if is_peft_model(model) else None)
+    return unwrap(model), (model if is_peft_model(model) else None)
 
 
 def _lora_description(peft_model: Any) -> str:
@@ -553,150 +536,6 @@ def create_model_card(
         return ModelCard.from_template(card_data, template_path=str(path), **template_vars)
 
 
-def _adapter_config(adapter: Any) -> tuple[Any, Path | None, Any | None]:
-    """``(peft config, adapter folder or None, peft model or None)``."""
-    if is_peft_model(adapter):
-        return next(iter(adapter.peft_config.values())), None, adapter
-    folder = Path(adapter)
-    if not (folder / ADAPTER_CONFIG_NAME).is_file():
-        raise ValueError(
-            f"{folder} is not a saved PEFT adapter ({ADAPTER_CONFIG_NAME} missing). Save one with "
-            "peft_model.save_pretrained(DIR) or pass the peft model itself."
-        )
-    from peft import PeftConfig
-
-    return PeftConfig.from_pretrained(str(folder)), folder, None
-
-
-def _count_adapter_params(folder: Path) -> int | None:
-    from safetensors import safe_open
-
-    files = sorted(folder.glob("adapter_model*.safetensors"))
-    if not files:
-        return None
-    total = 0
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                total += math.prod(f.get_slice(key).get_shape())
-    return total
-
-
-def _base_tasks(base_model: str, peft_model: Any | None) -> list[TaskSpec]:
-    if peft_model is not None:
-        return list(peft_model.get_base_model().tasks)
-    try:
-        return TimmMultiTaskConfig.from_pretrained(base_model, local_files_only=True).task_specs
-    except (OSError, ValueError):
-        return []  # base model not available locally: the card then omits the tasks table
-
-
-def _can_replace_card(path: Path) -> bool:
-    """Only a missing card or peft's untouched default card may be replaced without ``overwrite=True``."""
-    return not path.exists() or _DEFAULT_CARD_HEADING in path.read_text(encoding="utf-8")
-
-
-def create_adapter_card(
-    adapter: Any,
-    base_model: str | None = None,
-    metrics: Mapping[str, Any] | None = None,
-    dataset: str | Mapping[str, Any] | None = None,
-    license: str = "apache-2.0",
-    repo_id: str | None = None,
-    subfolder: str | None = None,
-    tasks: Sequence[TaskSpec] | None = None,
-    save: bool = True,
-    overwrite: bool = False,
-) -> ModelCard:
-    """A card for a PEFT adapter saved on its own, naming the hf_tlmtl base model it needs.
-
-    Args:
-        adapter: The adapter folder (with ``adapter_config.json``) or the ``peft.PeftModel``.
-        base_model: Hub id or local path of the hf_tlmtl model the adapter was trained on;
-            default: ``base_model_name_or_path`` of the adapter config. A Hub id is also the
-            card's ``base_model`` metadata.
-        metrics, dataset: As in :func:`create_model_card` (tasks come from the base model's config
-            when it can be read locally).
-        license: Hub license id.
-        repo_id: Hub id (or path) of the adapter, for the usage snippet.
-        subfolder: Folder of the adapter inside ``repo_id`` (e.g. ``adapters/<name>`` when it was
-            pushed with its base model by :func:`push_model_to_hub`).
-        tasks: The base model's tasks (default: read from the base model's config when it is
-            a local folder or in the local Hub cache; else the card has no tasks table).
-        save: Write the card to ``<adapter folder>/README.md`` (folders only).
-        overwrite: Replace an existing ``README.md`` that is not peft's untouched default card.
-
-    Raises:
-        ValueError: the base model is unknown, the folder is not an adapter, or a README.md
-            written by someone would be overwritten without ``overwrite=True``.
-
-    Example:
-        >>> import json, tempfile
-        >>> d = tempfile.mkdtemp()
-        >>> _ = open(f"{d}/adapter_config.json", "w").write(json.dumps(
-        ...     {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["conv1"]}))
-        >>> card = create_adapter_card(d, base_model="me/shapes-model")
-        >>> card.data.base_model, "PeftModel.from_pretrained(base" in open(f"{d}/README.md").read()
-        ('me/shapes-model', True)
-    """
-    peft_config, folder, peft_model = _adapter_config(adapter)
-    base_model = base_model or getattr(peft_config, "base_model_name_or_path", None)
-    where = folder or "this peft model"
-    if not base_model:
-        raise ValueError(
-            f"The adapter at {where} does not record its base model (base_model_name_or_path is null): pass "
-            "base_model='org/name' (the Hub id or local path of the hf_tlmtl model it was trained on)."
-        )
-    if folder is not None and save and not overwrite and not _can_replace_card(folder / CARD_NAME):
-        raise ValueError(f"{folder / CARD_NAME} already exists; pass overwrite=True to replace it (or save=False).")
-    is_local_base = os.path.exists(base_model)
-    if not is_local_base:
-        _check_hub_id(base_model, "base_model")
-    tasks = list(tasks) if tasks is not None else _base_tasks(base_model, peft_model)
-    per_task = normalize_metrics(metrics, tasks) if tasks else _nested_metrics(metrics)
-    info = _dataset_info(dataset)
-    peft_type = str(getattr(peft_config, "peft_type", "adapter")).split(".")[-1]
-    targets = getattr(peft_config, "target_modules", None)
-    saved = getattr(peft_config, "modules_to_save", None)
-    if peft_model is not None:
-        adapter_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    else:
-        adapter_params = _count_adapter_params(folder)
-    adapter_id = repo_id or (str(folder) if folder else "path/to/adapter")
-    hub_dataset = _hub_dataset_id(info) if info else None
-    card_data = ModelCardData(
-        license=license,
-        library_name="peft",
-        tags=list(dict.fromkeys([*ADAPTER_TAGS, peft_type.lower()])),
-        base_model=None if is_local_base else base_model,
-        datasets=[hub_dataset] if hub_dataset else None,
-        pipeline_tag=PIPELINE_TAG,
-        model_name=adapter_id.rstrip("/").split("/")[-1],
-        eval_results=_eval_results(per_task, info) or None,
-    )
-    template_vars = {
-        "title": f"{peft_type} adapter for {base_model}",
-        "peft_type": peft_type,
-        "base_model": base_model,
-        "base_model_link": f"`{base_model}` (local path)" if is_local_base else f"[{base_model}](https://huggingface.co/{base_model})",
-        "rank": getattr(peft_config, "r", None),
-        "alpha": getattr(peft_config, "lora_alpha", None),
-        "dropout": getattr(peft_config, "lora_dropout", None),
-        "target_modules": f"`{targets}`" if isinstance(targets, str) else ", ".join(f"`{t}`" for t in sorted(targets or [])) or "none",
-        "modules_to_save": ", ".join(f"`{m}`" for m in saved or []) or "none",
-        "adapter_params": _format_params(adapter_params) if adapter_params is not None else "unknown",
-        "license": license,
-        "tasks": _task_rows(tasks),
-        "results": _result_rows(per_task),
-        "dataset_description": _dataset_description(info),
-        "adapter_id": adapter_id,
-        "subfolder": subfolder,
-    }
-    with template_path(ADAPTER_CARD_TEMPLATE) as path:
-        card = ModelCard.from_template(card_data, template_path=str(path), **template_vars)
-    if folder is not None and save:
-        card.save(folder / CARD_NAME)
-    return card
 
 
 def _nested_metrics(metrics: Mapping[str, Any] | None) -> dict[str, dict[str, float]]:
@@ -708,182 +547,10 @@ def _nested_metrics(metrics: Mapping[str, Any] | None) -> dict[str, dict[str, fl
     return {t: {m: _check_value(t, m, v) for m, v in values.items()} for t, values in metrics.items()}
 
 
-# --------------------------------------------------------------------------------------- push
-def _check_model_folder(folder: Path) -> None:
-    if not (folder / CONFIG_NAME).is_file():
-        raise ValueError(f"{folder} is not a saved hf_tlmtl model ({CONFIG_NAME} missing): save it with model.save_pretrained(DIR).")
-    if not any(folder.glob("model*.safetensors")):
-        raise ValueError(f"{folder} has no safetensors weights (model.safetensors): save it with model.save_pretrained(DIR).")
-
-
-def _write_new_file(path: Path, content: str | bytes, overwrite: bool) -> None:
-    """Write ``path`` unless a different file already exists there (then ``overwrite`` is needed)."""
-    data = content.encode("utf-8") if isinstance(content, str) else content
-    if path.exists() and path.read_bytes() != data and not overwrite:
-        raise ValueError(f"{path} already exists with other content; pass overwrite=True to replace it.")
-    path.write_bytes(data)
-
-
-def _folder_operations(folder: Path, prefix: str, ignore_patterns: Sequence[str]) -> list[CommitOperationAdd]:
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    kept = filter_repo_objects(files, ignore_patterns=list(ignore_patterns))
-    return [CommitOperationAdd(path_in_repo=prefix + rel, path_or_fileobj=str(folder / rel)) for rel in kept]
-
-
-def _named_adapter_folders(adapters: Mapping[str, Any] | Sequence[Any] | None) -> list[tuple[str, Path]]:
-    if not adapters:
-        return []
-    if isinstance(adapters, (str, os.PathLike)):
-        adapters = [adapters]
-    named = adapters.items() if isinstance(adapters, Mapping) else [(Path(a).name, a) for a in adapters]
-    folders = [(str(name), Path(folder)) for name, folder in named]
-    for name, folder in folders:
-        if not (folder / ADAPTER_CONFIG_NAME).is_file():
-            raise ValueError(f"Adapter {name!r}: {folder} has no {ADAPTER_CONFIG_NAME}; save it with peft_model.save_pretrained(DIR).")
-    return folders
-
-
-def _network_error(error: Exception, repo_id: str, folder: Path) -> PushToHubError:
-    reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    if isinstance(error, HfHubHTTPError) and getattr(error.response, "status_code", None) in (401, 403):
-        hint = "the token is invalid or cannot write to this repo: create a write token and run `hf auth login`."
-    else:
-        hint = "the Hub is unreachable (offline machine, firewall, or HF_HUB_OFFLINE=1)."
-    return PushToHubError(
-        f"Could not upload to {repo_id!r} ({reason}): {hint} Nothing was lost: the complete model folder is "
-        f"{folder}; upload it later with `hf upload {repo_id} {folder}` or push_model_to_hub('{folder}', '{repo_id}')."
-    )
-
-
-def push_model_to_hub(
-    model_or_folder: Any,
-    repo_id: str,
-    *,
-    card: ModelCard | None = None,
-    curves_image: str | os.PathLike | None = None,
-    adapters: Mapping[str, str | os.PathLike] | Sequence[str | os.PathLike] | None = None,
-    token: str | None = None,
-    private: bool | None = None,
-    commit_message: str = "Upload hf_tlmtl multi-task model",
-    revision: str | None = None,
-    create_pr: bool = False,
-    save_dir: str | os.PathLike | None = None,
-    ignore_patterns: Sequence[str] | None = None,
-    overwrite: bool = False,
-) -> CommitInfo:
-    """Upload a model with its preprocessor config, card, curves and adapters in one Hub commit.
-
-    The local folder is completed first (never overwritten without ``overwrite=True``): a
-    missing ``preprocessor_config.json`` or ``README.md`` card is written, ``curves_image`` is
-    copied in, each adapter folder gets its own card naming ``repo_id`` as its base model.
-    Then ``HfApi.create_repo`` + ``HfApi.create_commit`` send every file of the folder (minus
-    Trainer checkpoints, hidden files and pickles) and the adapters under ``adapters/<name>/``.
-
-    Transformers' own ``model.push_to_hub(repo_id)`` also sends ``preprocessor_config.json``
-    (``save_pretrained`` writes it) but with transformers' generic card; this function sends the
-    hf_tlmtl card, the curves and the adapters.
-
-    Args:
-        model_or_folder: A ``TimmMultiTaskModel`` or the folder it was saved to.
-        repo_id: ``org/name`` on the Hub.
-        card: The card to send (default: the folder's ``README.md``, else :func:`create_model_card`).
-        curves_image: Training-curve image to include (copied into the folder).
-        adapters: Adapter folders to include, ``{name: folder}`` or a list (named after the folder).
-        token: Hub token with write access (default: ``HF_TOKEN`` / ``hf auth login``).
-        private, commit_message, revision, create_pr: As in ``HfApi``.
-        save_dir: For a model object: where to save it first (default: a new temporary folder,
-            kept if the upload fails).
-        ignore_patterns: Extra glob patterns of files not to upload.
-        overwrite: Allow replacing files of the folder that differ (``README.md``, curves image).
-
-    Raises:
-        ValueError: bad repo id, no token, incomplete folder, or a file would be overwritten.
-        PushToHubError: the Hub is unreachable or refused the upload; the message names the
-            complete local folder to upload later.
-
-    Example:
-        >>> import os, tempfile
-        >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-        >>> model = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
-        >>> d = tempfile.mkdtemp(); model.save_pretrained(d)
-        >>> try:
-        ...     push_model_to_hub(d, "me/my-model", token="hf_placeholder")  # this machine is offline
-        ... except PushToHubError as error:
-        ...     print("Nothing was lost" in str(error), sorted(os.listdir(d)))
-        True ['README.md', 'config.json', 'model.safetensors', 'preprocessor_config.json']
-    """
-    _check_hub_id(repo_id, "repo_id")
-    token = token or get_token()
-    if not token:
-        raise ValueError(
-            "No Hugging Face token: run `hf auth login` (or set HF_TOKEN, or pass token=...) with a token that has "
-            "write access. Nothing was uploaded."
-        )
-
-    adapter_folders = _named_adapter_folders(adapters)
-    if curves_image is not None and not Path(curves_image).is_file():
-        raise ValueError(f"curves_image {curves_image} does not exist.")
-    model = None
-    if isinstance(model_or_folder, (str, os.PathLike)):
-        folder = Path(model_or_folder)
-        _check_model_folder(folder)
-    else:
-        model, _ = _unwrap(model_or_folder)
-        if model is not model_or_folder:
-            raise ValueError(
-                "push_model_to_hub uploads a full model; for a peft model, merge it (model.merge_and_unload()) or "
-                "save the adapter (model.save_pretrained(DIR)) and pass adapters=[DIR] with the base model."
-            )
-        folder = Path(save_dir) if save_dir else Path(tempfile.mkdtemp(prefix="hf_tlmtl_push_"))
-        model.save_pretrained(folder)
-
-    if not (folder / IMAGE_PROCESSOR_NAME).exists():
-        from .image_processing import TimmMultiTaskImageProcessor
-
-        TimmMultiTaskImageProcessor.from_config(TimmMultiTaskConfig.from_pretrained(folder)).save_pretrained(folder)
-    if curves_image is not None:
-        curves_image = Path(curves_image)
-        if curves_image.resolve() != (folder / curves_image.name).resolve():
-            _write_new_file(folder / curves_image.name, curves_image.read_bytes(), overwrite)
-    if card is not None:
-        _write_new_file(folder / CARD_NAME, str(card), overwrite)
-    elif not (folder / CARD_NAME).exists():
-        if model is None:
-            from .modeling import TimmMultiTaskModel
-
-            model = TimmMultiTaskModel.from_pretrained(folder)
-        created = create_model_card(model, repo_id=repo_id, curves_image=curves_image)
-        created.save(folder / CARD_NAME)
-
-    ignore = [*DEFAULT_IGNORE_PATTERNS, *(ignore_patterns or [])]
-    operations = _folder_operations(folder, "", ignore)
-    for name, adapter_folder in adapter_folders:
-        if _can_replace_card(adapter_folder / CARD_NAME):
-            create_adapter_card(
-                adapter_folder, base_model=repo_id, repo_id=repo_id, subfolder=f"adapters/{name}",
-                tasks=TimmMultiTaskConfig.from_pretrained(folder).task_specs,
-            )
-        operations += _folder_operations(adapter_folder, f"adapters/{name}/", ignore)
-
-    api = HfApi(token=token)
-    try:
-        api.create_repo(repo_id, token=token, private=private, exist_ok=True)
-        return api.create_commit(
-            repo_id, operations, commit_message=commit_message, token=token, revision=revision, create_pr=create_pr
-        )
-    except Exception as error:  # noqa: BLE001 - only Hub/network failures are translated
-        if _is_network_error(error):
-            raise _network_error(error, repo_id, folder) from error
-        raise
-
-
 __all__ = [
-    "PushToHubError",
     "base_model_id",
-    "create_adapter_card",
     "create_model_card",
     "metrics_from_card",
     "normalize_metrics",
-    "push_model_to_hub",
     "template_path",
 ]

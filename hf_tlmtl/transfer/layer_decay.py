@@ -26,7 +26,7 @@ from typing import Any, Iterable
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
-from .transfer import base_model
+from ..backbone.unwrap import unwrap
 
 
 def _weight_decay_groups(params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float, kind: str) -> list[dict[str, Any]]:
@@ -80,7 +80,7 @@ def layer_decay_param_groups(
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay} (1.0 means no decay).")
     if head_lr_scale <= 0:
         raise ValueError(f"head_lr_scale must be > 0, got {head_lr_scale}.")
-    base = base_model(model)
+    base = unwrap(model)
     backbone = base.backbone
     no_weight_decay = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else ()
 

@@ -12,23 +12,16 @@ Two measurements, both on the shared (backbone) parameters ``theta_s`` of a mode
 - **Gradient cosine**: ``cos(grad_i L_i, grad_j L_j)`` on ``theta_s``, the cheaper, first-order view
   (symmetric; 1 on the diagonal).
 
-:class:`TaskAffinityCallback` measures both every N steps of a :class:`~hf_tlmtl.trainer.MultiTaskTrainer`
+:class:`TaskAffinityCallback` measures both every N steps of a :class:`~hf_tlmtl.training.MultiTaskTrainer`
 run, on batches it draws from the training set with its own seeded generator (the training batches
 and random state are left alone), and writes ``task_affinity.json`` and ``task_affinity.png``.
-:func:`group_tasks` turns the lookahead matrix into the grouping (one backbone per group) that
+:func:`~hf_tlmtl.multitask.grouping.group_tasks` turns the lookahead matrix into the grouping (one backbone per group) that
 maximises the total affinity.
 
 One measurement costs a forward with graph, one backward per task (the graph is kept between them)
 and one forward without graph per task: about ``1 + 1.5 T`` training steps' worth for ``T`` tasks
 (measured), so measuring every N steps adds roughly ``(1 + 1.5 T) / N`` to the run; the callback's
 default N = 6T keeps that near a quarter (benchmarks/affinity_cost.py measures it).
-
-Example:
-    >>> import numpy as np
-    >>> z = np.array([[0.3, 0.2, -0.1], [0.2, 0.3, -0.1], [-0.1, -0.1, 0.3]])
-    >>> grouping = group_tasks(z, max_groups=2, tasks=["a", "b", "c"])
-    >>> grouping.groups, round(grouping.score, 3), grouping.exact
-    ((('a', 'b'), ('c',)), 0.4, True)
 """
 
 from __future__ import annotations
@@ -40,16 +33,24 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from ..backbone.unwrap import unwrap
+from ..data.collator import MultiTaskCollator
+from ..data.labels import encode_labels
+from ..data.preparation import raw_dataset
 from .curves import save_figure
-from .transfer import base_model
 
 logger = logging.get_logger(__name__)
 
@@ -112,7 +113,7 @@ class AffinityMatrix:
 # ------------------------------------------------------------------------------- measurement
 def shared_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The trainable backbone parameters (the ones every task's gradient reaches), by name in the base model."""
-    base = base_model(model)
+    base = unwrap(model)
     return {f"backbone.{n}": p for n, p in base.backbone.named_parameters() if p.requires_grad}
 
 
@@ -128,17 +129,10 @@ def _buffers_kept(module: torch.nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
 
 
-def _present_losses(base: Any, outputs: Any, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Unweighted losses of the tasks with at least one label in the batch."""
-    present = {}
-    for task in base.tasks:
-        loss = (outputs.task_losses or {}).get(task.name)
-        if loss is None:
-            continue
-        target = task.prepare_target(batch[task.name], outputs.logits[task.name].shape[0])
-        if bool(task.label_mask(target).any()):
-            present[task.name] = loss
-    return present
+def _present_losses(base: Any, outputs: Any) -> dict[str, torch.Tensor]:
+    """Unweighted losses of the tasks the model found labelled in the batch, in task order."""
+    labelled = set(outputs.labelled_tasks or ())
+    return {task.name: outputs.task_losses[task.name] for task in base.tasks if task.name in labelled}
 
 
 def measure_affinity(
@@ -171,7 +165,7 @@ def measure_affinity(
     """
     if step not in LOOKAHEAD_STEPS:
         raise ValueError(f"Unknown lookahead step {step!r}; valid: {list(LOOKAHEAD_STEPS)}.")
-    base = base_model(model)
+    base = unwrap(model)
     names = [t.name for t in base.tasks]
     shared = shared_parameters(base)
     if not shared:
@@ -188,7 +182,7 @@ def measure_affinity(
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # dropout masks: the same in every forward below
         torch.manual_seed(seed)
         with torch.enable_grad():
-            present = _present_losses(base, base(**batch), batch)
+            present = _present_losses(base, base(**batch))
             params = list(shared.values())
             grads = {}
             for k, (name, loss) in enumerate(present.items()):
@@ -213,7 +207,7 @@ def measure_affinity(
                     for param, original, d in zip(params, originals, ds):
                         param.copy_(original - d)
                     torch.manual_seed(seed)
-                    after = _present_losses(base, base(**batch), batch)
+                    after = _present_losses(base, base(**batch))
                     for target, value in after.items():
                         if before[target] > 0:
                             lookahead[index[source], index[target]] = 1.0 - float(value) / before[target]
@@ -349,17 +343,15 @@ class TaskAffinityCallback(TrainerCallback):
     def _check_labels_in_window(self, state: TrainerState, base: Any) -> None:
         """Every task needs a label in the rows of the planned measurements (read from the raw columns
         of a ``prepare_dataset`` dataset; other datasets are checked as their batches are measured)."""
-        from .data import _encode_labels, _raw  # the label encoding prepare_dataset uses
-
         transform = (getattr(self._data, "format", None) or {}).get("format_kwargs", {}).get("transform")
         plan = getattr(transform, "labels", None)
         if plan is None:
             return
         rows = sorted({int(r) for s in self._planned_steps(state) for r in self._rows_at(s, len(self._data), self._batch)})
-        raw = _raw(self._data).select(rows) if rows else None
+        raw = raw_dataset(self._data).select(rows) if rows else None
         labelled = {}
         for column in plan:
-            mask = column.task.label_mask(column.task.prepare_target(_encode_labels(column, raw[column.column]), len(rows)))
+            mask = column.task.label_mask(column.task.prepare_target(encode_labels(column, raw[column.column]), len(rows)))
             labelled[column.task.name] = bool(mask.any())
         missing = [n for n in self.tasks if not labelled.get(n, False)]
         if missing:
@@ -376,7 +368,7 @@ class TaskAffinityCallback(TrainerCallback):
 
     # ---------------------------------------------------------------------------- events
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        base = base_model(kwargs["model"])
+        base = unwrap(kwargs["model"])
         tasks = [t.name for t in base.tasks]
         if len(tasks) < 2:
             raise ValueError(
@@ -397,8 +389,6 @@ class TaskAffinityCallback(TrainerCallback):
         elif self.dataset is None and getattr(dataloader, "collate_fn", None) is not None:
             self._collate = dataloader.collate_fn
         else:
-            from .data import MultiTaskCollator
-
             self._collate = MultiTaskCollator(base.tasks)
         self._batch = self.batch_size or args.per_device_train_batch_size
         self._every = self.every_n_steps or 6 * len(tasks)
@@ -516,165 +506,6 @@ def plot_affinity(result: AffinityMatrix, path: str | os.PathLike, title: str | 
 
 
 # ---------------------------------------------------------------------------------- grouping
-@dataclass(frozen=True)
-class TaskGrouping:
-    """A partition of the tasks, one backbone per group, and its total affinity (:func:`grouping_score`)."""
-
-    groups: tuple[tuple[str, ...], ...]
-    score: float
-    exact: bool
-    """True when every admissible grouping was scored (the optimum); False for the beam-search approximation."""
-
-
-def grouping_score(affinity: np.ndarray, groups: Sequence[Sequence[int]]) -> float:
-    """Total affinity of a grouping, TAG's criterion: each task of a group of two or more scores the mean
-    affinity onto it from its group mates, ``mean_{i in G, i != j} Z(i -> j)``; a task alone scores 0.
-
-    Example:
-        >>> grouping_score(np.array([[0.0, 0.2], [0.4, 0.0]]), [[0, 1]])
-        0.6000000000000001
-    """
-    total = 0.0
-    for group in groups:
-        if len(group) < 2:
-            continue
-        block = affinity[np.ix_(group, group)]
-        total += float((block.sum(axis=0) - np.diag(block)).sum()) / (len(group) - 1)
-    return total
-
-
-def _partitions(n: int, low: int, high: int) -> Iterator[list[list[int]]]:
-    """Every partition of ``range(n)`` into ``low..high`` non-empty groups (restricted growth strings)."""
-
-    def grow(item: int, groups: list[list[int]]) -> Iterator[list[list[int]]]:
-        if len(groups) + (n - item) < low:
-            return
-        if item == n:
-            yield [list(g) for g in groups]
-            return
-        for group in groups:
-            group.append(item)
-            yield from grow(item + 1, groups)
-            group.pop()
-        if len(groups) < high:
-            groups.append([item])
-            yield from grow(item + 1, groups)
-            groups.pop()
-
-    yield from grow(0, [])
-
-
-def _count_partitions(n: int, low: int, high: int) -> int:
-    """Sum of the Stirling numbers of the second kind ``S(n, k)`` for ``k`` in ``low..high``."""
-    stirling = [[0] * (n + 1) for _ in range(n + 1)]
-    stirling[0][0] = 1
-    for i in range(1, n + 1):
-        for k in range(1, i + 1):
-            stirling[i][k] = k * stirling[i - 1][k] + stirling[i - 1][k - 1]
-    return sum(stirling[n][k] for k in range(low, high + 1))
-
-
-def _beam_search(affinity: np.ndarray, low: int, high: int, width: int) -> list[list[int]]:
-    """Tasks placed one at a time into an existing group or a new one; the ``width`` best partial groupings
-    (by :func:`grouping_score`) survive each placement. Then single-task moves while they raise the score."""
-    n = len(affinity)
-    beam: list[list[list[int]]] = [[]]
-    for item in range(n):
-        candidates = []
-        for groups in beam:
-            options = [[*groups[:k], [*groups[k], item], *groups[k + 1:]] for k in range(len(groups))]
-            if len(groups) < high:
-                options.append([*groups, [item]])
-            candidates += [o for o in options if len(o) + (n - item - 1) >= low]
-        candidates.sort(key=lambda gs: grouping_score(affinity, gs), reverse=True)
-        beam = candidates[:width]
-    best = beam[0]
-    improved = True
-    while improved:
-        improved = False
-        current = grouping_score(affinity, best)
-        for item, target in itertools.product(range(n), range(len(best) + 1)):
-            moved = [[t for t in g if t != item] for g in best]
-            if target < len(best):
-                moved[target].append(item)
-            else:
-                moved.append([item])
-            moved = [g for g in moved if g]
-            if low <= len(moved) <= high and grouping_score(affinity, moved) > current + 1e-12:
-                best, improved = moved, True
-                break
-    return best
-
-
-def group_tasks(
-    affinity: AffinityMatrix | np.ndarray | Sequence[Sequence[float]],
-    max_groups: int,
-    *,
-    tasks: Sequence[str] | None = None,
-    min_groups: int = 1,
-    budget: int = DEFAULT_BUDGET,
-) -> TaskGrouping:
-    """The partition of the tasks into ``min_groups..max_groups`` groups with the highest total affinity.
-
-    Each group is then trained as one multi-task model (one backbone per group). The criterion is
-    :func:`grouping_score` on the lookahead matrix ``Z(i -> j)`` (TAG, Fifty et al. 2021, with groups
-    that do not overlap). When the admissible partitions number at most ``budget`` (always for <= 8
-    tasks with the default 5,000), all of them are scored and the optimum is returned (``exact=True``).
-    Above that, an approximation (``exact=False``): a beam search placing tasks one at a time that keeps
-    about ``budget / (tasks * (max_groups + 1))`` partial groupings, then single-task moves while the
-    score rises; it scores on the order of ``budget`` groupings.
-
-    Args:
-        affinity: An :class:`AffinityMatrix` (its ``lookahead``) or a square matrix, rows = source task.
-        max_groups: At most this many groups (backbones), ``1 <= max_groups <= number of tasks``.
-        tasks: Task names of a plain matrix (default ``"0"``, ``"1"``, ...).
-        min_groups: At least this many groups (``min_groups = max_groups``: exactly that many).
-        budget: Groupings to score before switching to the approximation.
-
-    Example:
-        >>> z = [[0.0, 0.5, -0.2, -0.2], [0.5, 0.0, -0.2, -0.2], [-0.2, -0.2, 0.0, 0.1], [-0.2, -0.2, 0.1, 0.0]]
-        >>> group_tasks(z, max_groups=2, tasks=["a", "b", "c", "d"]).groups
-        (('a', 'b'), ('c', 'd'))
-        >>> group_tasks(z, max_groups=4, min_groups=3, tasks=["a", "b", "c", "d"]).groups
-        (('a', 'b'), ('c',), ('d',))
-    """
-    if isinstance(affinity, AffinityMatrix):
-        tasks = affinity.tasks if tasks is None else tasks
-        affinity = affinity.lookahead
-    matrix = np.asarray(affinity, dtype=np.float64)
-    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"group_tasks needs a square affinity matrix (source x target), got shape {matrix.shape}.")
-    n = matrix.shape[0]
-    names = [str(i) for i in range(n)] if tasks is None else [str(t) for t in tasks]
-    if len(names) != n:
-        raise ValueError(f"tasks names {len(names)} tasks for a {n} x {n} affinity matrix; give one name per row.")
-    if n < 2:
-        raise ValueError(f"Grouping needs at least two tasks, got {n} ({names}).")
-    off_diagonal = ~np.eye(n, dtype=bool)
-    if not np.isfinite(matrix[off_diagonal]).all():
-        bad = sorted({names[i] for i, j in zip(*np.where(~np.isfinite(matrix) & off_diagonal)) for i in (i, j)})
-        raise ValueError(
-            f"The affinity matrix has missing (NaN) or infinite entries for tasks {bad}: they had no label in the "
-            "measured batches. Measure again with batches that label them, or leave them out."
-        )
-    for label, value in (("max_groups", max_groups), ("min_groups", min_groups)):
-        if not isinstance(value, (int, np.integer)) or not 1 <= value <= n:
-            raise ValueError(
-                f"{label} must be an int from 1 to the number of tasks ({n}: {names}), got {value!r}; "
-                f"{n} groups already give every task its own backbone."
-            )
-    if min_groups > max_groups:
-        raise ValueError(f"min_groups ({min_groups}) is larger than max_groups ({max_groups}).")
-    if not isinstance(budget, (int, np.integer)) or budget < 1:
-        raise ValueError(f"budget must be an int >= 1 (groupings to score), got {budget!r}.")
-    exact = _count_partitions(n, min_groups, max_groups) <= budget
-    if exact:
-        best = max(_partitions(n, min_groups, max_groups), key=lambda gs: grouping_score(matrix, gs))
-    else:
-        best = _beam_search(matrix, min_groups, max_groups, width=max(1, budget // (n * (max_groups + 1))))
-    ordered = sorted((sorted(g) for g in best), key=lambda g: (-len(g), g))
-    groups = tuple(tuple(names[i] for i in g) for g in ordered)
-    return TaskGrouping(groups=groups, score=grouping_score(matrix, best), exact=exact)
 
 
 __all__ = [
@@ -682,10 +513,7 @@ __all__ = [
     "AFFINITY_PNG",
     "AffinityMatrix",
     "TaskAffinityCallback",
-    "TaskGrouping",
     "format_matrix",
-    "group_tasks",
-    "grouping_score",
     "measure_affinity",
     "plot_affinity",
     "shared_parameters",

@@ -36,10 +36,16 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from torch import nn
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 from transformers.utils import logging
 
-from .transfer import backbone_groups, base_model, freeze_groups
+from ..backbone.anatomy import backbone_groups, freeze_groups
+from ..backbone.unwrap import unwrap
 
 logger = logging.get_logger(__name__)
 
@@ -70,7 +76,7 @@ class GradualUnfreezeCallback(TrainerCallback):
             raise ValueError(f"every_n_steps must be >= 1 (or None for once per epoch), got {every_n_steps}.")
         if max_groups is not None and max_groups < 0:
             raise ValueError(f"max_groups must be >= 0, got {max_groups}.")
-        base = base_model(model)
+        base = unwrap(model)
         params = dict(base.backbone.named_parameters())
         trainable_groups = [
             g for g in reversed(backbone_groups(base)) if any(params[n].requires_grad for n in g.names if n in params)

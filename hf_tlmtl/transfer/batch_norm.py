@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -33,6 +34,8 @@ from timm.layers.norm_act import FrozenBatchNorm2d, FrozenBatchNormAct2d
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..backbone.unwrap import unwrap
 
 BN_POLICIES: tuple[str, ...] = ("train", "frozen", "recalibrate")
 """Valid values of ``bn`` (:func:`hf_tlmtl.transfer.apply_transfer_strategy`, ``MultiTaskTrainingArguments.bn``)."""
@@ -57,9 +60,7 @@ def check_bn_policy(bn: str) -> str:
 
 
 def _backbone(model: nn.Module) -> nn.Module:
-    from .transfer import base_model  # transfer imports this module
-
-    return base_model(model).backbone
+    return unwrap(model).backbone
 
 
 def batch_norm_layers(model: nn.Module) -> dict[str, _BatchNorm]:
@@ -180,3 +181,47 @@ __all__ = [
     "frozen_batch_norm_layers",
     "recalibrate_batch_norm",
 ]
+
+
+def batch_norm_min_values(model: torch.nn.Module) -> tuple[int, str] | None:
+    """``(values, layer)``: the fewest values per channel and image that a BatchNorm layer of the backbone
+    normalises at the model's input size (``H x W`` of its input), and that layer's name; None without
+    BatchNorm. A batch of ``b`` images trains that layer only if ``b * values > 1``.
+
+    Found with one forward of a blank image in eval mode (no statistics or random state change).
+
+    Example:
+        >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+        >>> m = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")], image_size=32)
+        >>> batch_norm_min_values(m)
+        (1, 'backbone.layer4.0.bn1')
+    """
+    base = unwrap(model)
+    layers = [(name, m) for name, m in base.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    parameter = next(base.parameters(), None)
+    if not layers or parameter is None or parameter.device.type == "meta":
+        return None
+    seen: dict[str, int] = {}
+
+    def record(name: str) -> Any:
+        def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            seen.setdefault(name, math.prod(inputs[0].shape[2:]))
+
+        return hook
+
+    hooks = [module.register_forward_pre_hook(record(name)) for name, module in layers]
+    modes = {module: module.training for module in base.modules()}
+    base.eval()
+    try:
+        with torch.no_grad():
+            shape = base.config.data_config["input_size"]
+            base.forward_features(torch.zeros(1, *shape, device=parameter.device, dtype=parameter.dtype))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, mode in modes.items():
+            module.training = mode
+    if not seen:
+        return None
+    name, values = min(seen.items(), key=lambda item: item[1])  # the first such layer in forward order
+    return values, name

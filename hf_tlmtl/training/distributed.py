@@ -1,9 +1,7 @@
 """Training past one process: FSDP2 wrap units from timm's blocks, FSDP2 on CPU, what FSDP refuses.
 
-- :func:`block_class_names`: the timm classes that make one FSDP unit each (``_no_split_modules`` of
-  :class:`~hf_tlmtl.TimmMultiTaskModel`), found from the backbone's own ``group_matcher``: the module
-  that holds each fine-grained layer group (a ResNet ``BasicBlock``, a ViT ``Block``, a ConvNeXt
-  ``ConvNeXtBlock``). accelerate's ``transformer_based_wrap`` and the Trainer's ``--fsdp auto_wrap``
+- The wrap units are the timm classes of :func:`hf_tlmtl.backbone.block_class_names` (the model's
+  ``_no_split_modules``): accelerate's ``transformer_based_wrap`` and the Trainer's ``--fsdp auto_wrap``
   shard each of them on its own, then the whole model.
 - :func:`enable_fsdp_on_cpu`: accelerate 1.x turns FSDP on for accelerator devices only; on CPU a
   ``--use_fsdp`` / ``--fsdp`` run silently becomes DDP (``MULTI_CPU``). torch's FSDP2 (``fully_shard``)
@@ -13,6 +11,7 @@
 
 Example:
     >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+    >>> from hf_tlmtl.backbone import block_class_names
     >>> m = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
     >>> block_class_names(m.backbone), sorted(m._no_split_modules)
     (['BasicBlock', 'Bottleneck'], ['BasicBlock', 'Bottleneck'])
@@ -25,46 +24,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-
-
-def block_class_names(backbone: nn.Module) -> list[str]:
-    """Class names of the modules that hold one fine-grained ``group_matcher`` group each (in model order).
-
-    A group's module is the deepest one containing all of the group's parameters; groups held by the
-    whole backbone (stem and head parameters spread over top-level modules) or by a single layer
-    (a lone ``Linear``) give none. A backbone without ``group_matcher`` gives ``[]`` (FSDP then shards
-    the model as one unit).
-
-    Example:
-        >>> import timm
-        >>> block_class_names(timm.create_model("test_vit"))
-        ['Block']
-    """
-    matcher = getattr(backbone, "group_matcher", None)
-    if matcher is None:
-        return []
-    from timm.models import group_parameters
-
-    try:
-        groups = group_parameters(backbone, matcher(coarse=False))
-    except Exception:  # noqa: BLE001 - a model's matcher that does not fit its (pruned) layers: no blocks
-        return []
-    modules = dict(backbone.named_modules())
-    names: list[str] = []
-    for params in groups.values():
-        owners = [name.rsplit(".", 1)[0].split(".") if "." in name else [] for name in params]
-        prefix = os.path.commonprefix(owners) if owners else []
-        # peft's LoRA layers sit between a block and its weights; the block is still the unit.
-        module = modules.get(".".join(prefix)) if prefix else None
-        # A plain container class (Sequential) would make every Sequential of the model a unit.
-        if module is None or next(module.children(), None) is None or type(module) in _CONTAINERS:
-            continue
-        if type(module).__name__ not in names:
-            names.append(type(module).__name__)
-    return names
 
 
 def fsdp_requested(args: Any) -> bool:
@@ -175,4 +134,4 @@ def full_state_dict(accelerator: Any, model: nn.Module) -> dict[str, torch.Tenso
     }
 
 
-__all__ = ["block_class_names", "check_fsdp_setup", "describe_sharding", "enable_fsdp_on_cpu", "fsdp_requested", "fsdp_version", "full_state_dict"]
+__all__ = ["check_fsdp_setup", "describe_sharding", "enable_fsdp_on_cpu", "fsdp_requested", "fsdp_version", "full_state_dict"]

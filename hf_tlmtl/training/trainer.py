@@ -1,13 +1,4 @@
 """MultiTaskTrainer: ``transformers.Trainer`` with task-aware losses, logging and optimiser.
-
-Example:
-    >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-    >>> from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
-    >>> model = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
-    >>> args = MultiTaskTrainingArguments(output_dir="/tmp/hf_tlmtl_doctest", report_to="none")
-    >>> trainer = MultiTaskTrainer(model=model, args=args)
-    >>> trainer.args.label_names
-    ['y']
 """
 
 from __future__ import annotations
@@ -15,9 +6,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from itertools import islice
 from collections import defaultdict
-from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 import torch
@@ -25,116 +15,41 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .batch_norm import check_bn_policy, freeze_batch_norm, recalibrate_batch_norm
-from .balancing import (
-    BALANCER_OPTIMIZER_NAME,
-    BALANCERS,
-    balancer_param_group,
-    build_balancer,
-    load_balancer_optimizer_state,
-    load_balancer_state,
-    save_balancer_optimizer_state,
-    save_balancer_state,
-)
-from .callbacks import GradualUnfreezeCallback
-from .data import check_worker_picklable
-from .distributed import check_fsdp_setup, enable_fsdp_on_cpu, full_state_dict
-from .metrics import build_compute_metrics
-from .optim import layer_decay_param_groups
-from .transfer import STRATEGIES, TransferSummary, apply_transfer_strategy, base_model, is_peft_model, summarize_trainable
-
 logger = logging.get_logger(__name__)
 
 try:  # transformers >= 5: optimizer factories (Muon, Dion) build their own groups
-    from transformers.trainer_optimizer import is_optimizer_factory as _is_optimizer_factory
+    from transformers.trainer_optimizer import (
+        is_optimizer_factory as _is_optimizer_factory,
+    )
 except ImportError:  # pragma: no cover - older transformers
 
     def _is_optimizer_factory(optimizer_cls: Any) -> bool:
         return False
 
-
-@dataclass
-class MultiTaskTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus transfer-learning and multi-task options.
-
-    Defaults differ from ``TrainingArguments`` in two places that multi-task image models need:
-    ``remove_unused_columns=False`` (the lazy image transform reads the raw columns) and
-    ``label_names`` filled with the model's task names by the trainer.
-    """
-
-    transfer_strategy: str | None = field(
-        default=None,
-        metadata={"help": "feature_extraction | fine_tune | partial | truncate | lora (None: leave the model as is)."},
-    )
-    trainable_groups: int | None = field(
-        default=None, metadata={"help": "partial: number of top layer groups that train."}
-    )
-    trainable_fraction: float | None = field(
-        default=None,
-        metadata={"help": "partial / truncate, instead of trainable_groups: share of the backbone's parameters that "
-                  "trains, resolved to whole top layer groups (the transfer summary says which)."},
-    )
-    truncate_stage: int | None = field(
-        default=None, metadata={"help": "truncate: feature_info index of the last backbone stage kept."}
-    )
-    keep_depth: float | None = field(
-        default=None,
-        metadata={"help": "truncate, instead of truncate_stage: share of the backbone's depth kept, resolved to the "
-                  "nearest cut timm can make (hf_tlmtl.transfer.truncation_points)."},
-    )
-    bn: str = field(
-        default="train",
-        metadata={"help": "BatchNorm policy: train | frozen (statistics and affine weights fixed, whatever else "
-                  "trains) | recalibrate (re-estimate running statistics on the training data before each "
-                  "evaluation and save). See hf_tlmtl.batch_norm."},
-    )
-    bn_recalibration_batches: int = field(
-        default=100, metadata={"help": "bn=recalibrate: at most this many training batches (eval batch size) per re-estimate."}
-    )
-    keep_frozen: bool = field(
-        default=False,
-        metadata={"help": "fine_tune / partial / truncate keep what was frozen before (instead of unfreezing it, with a warning)."},
-    )
-    layer_decay: float | None = field(
-        default=None, metadata={"help": "Layer-wise LR decay in (0, 1]; lr of group i = lr * decay**(num_layers - i)."}
-    )
-    head_lr_scale: float = field(default=1.0, metadata={"help": "Heads train at learning_rate * head_lr_scale."})
-    loss_balancing: str = field(default="static", metadata={"help": f"Multi-task loss balancing: {sorted(BALANCERS)}."})
-    gradual_unfreeze: bool = field(
-        default=False, metadata={"help": "ULMFiT-style: heads first, then one more group from the top each epoch."}
-    )
-    unfreeze_every_n_steps: int | None = field(
-        default=None, metadata={"help": "gradual_unfreeze: unfreeze every N steps instead of every epoch."}
-    )
-    cache_features: bool = field(
-        default=False, metadata={"help": "feature_extraction: run the frozen backbone once and train heads on cached features."}
-    )
-    lora_r: int = field(default=8, metadata={"help": "lora: adapter rank."})
-    lora_alpha: int = field(default=16, metadata={"help": "lora: scaling alpha."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "lora: dropout on the adapter input."})
-    lora_target_modules: str = field(default="auto", metadata={"help": "lora: 'auto' or a comma-separated list / regex."})
-    lora_method: str = field(default="lora", metadata={"help": "peft method: lora | loha | lokr | ia3."})
-    adapter_name: str = field(default="default", metadata={"help": "lora: name of the adapter being trained."})
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Kept False: image transforms need the raw dataset columns."}
-    )
-    dataloader_pin_memory: bool = field(
-        default_factory=torch.cuda.is_available,
-        metadata={"help": "Pin batches in page-locked memory (default: only when a CUDA device is present)."},
-    )
-
-    def __post_init__(self) -> None:
-        check_bn_policy(self.bn)
-        if self.bn_recalibration_batches < 1:
-            raise ValueError(f"bn_recalibration_batches must be >= 1, got {self.bn_recalibration_batches}.")
-        if self.loss_balancing not in BALANCERS:
-            raise ValueError(f"Unknown loss_balancing {self.loss_balancing!r}; valid methods: {sorted(BALANCERS)}.")
-        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
-            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay} (1.0 means no decay).")
-        if self.head_lr_scale <= 0:
-            raise ValueError(f"head_lr_scale must be > 0, got {self.head_lr_scale}.")
-        _check_transfer_args(self)
-        super().__post_init__()
+from ..backbone.unwrap import unwrap
+from ..data.collator import MultiTaskCollator
+from ..data.feature_cache import cache_features
+from ..data.preparation import check_worker_picklable
+from ..multitask.balancing import build_balancer
+from ..multitask.metrics import build_compute_metrics
+from ..transfer.batch_norm import (
+    batch_norm_min_values,
+    recalibrate_batch_norm,
+)
+from ..transfer.layer_decay import layer_decay_param_groups
+from ..transfer.preparation import prepare_model
+from ..transfer.summary import TransferSummary
+from ..transfer.unfreezing import GradualUnfreezeCallback
+from .arguments import MultiTaskTrainingArguments
+from .balancer_state import (
+    BALANCER_OPTIMIZER_NAME,
+    balancer_param_group,
+    load_balancer_optimizer_state,
+    load_balancer_state,
+    save_balancer_optimizer_state,
+    save_balancer_state,
+)
+from .distributed import check_fsdp_setup, enable_fsdp_on_cpu, full_state_dict
 
 
 class MultiTaskTrainer(Trainer):
@@ -145,7 +60,8 @@ class MultiTaskTrainer(Trainer):
       (``loss_<task>`` and ``weight_<task>`` next to ``loss``);
     - ``label_names`` default to the model's task names, so evaluation sees the labels;
     - ``args.transfer_strategy`` is applied to the model before training
-      (:func:`~hf_tlmtl.transfer.apply_transfer_strategy`; ``self.transfer_summary`` says what trains);
+      once, through :func:`~hf_tlmtl.transfer.prepare_model` (``self.transfer_summary`` says what trains);
+      the trainer itself never changes the model's structure;
     - ``create_optimizer`` uses ``--optim``'s class on layer-wise LR decay groups
       (:func:`~hf_tlmtl.optim.layer_decay_param_groups`), without frozen parameters;
     - ``gradual_unfreeze=True`` adds :class:`~hf_tlmtl.callbacks.GradualUnfreezeCallback`
@@ -162,9 +78,13 @@ class MultiTaskTrainer(Trainer):
     def __init__(self, model: Any = None, args: MultiTaskTrainingArguments | None = None, **kwargs: Any):
         if args is None:
             args = MultiTaskTrainingArguments(output_dir="tmp_trainer", report_to="none")
-        base = base_model(model)
+        base = unwrap(model)
         self.tasks = list(base.tasks)
-        model, self.transfer_summary = _prepare_transfer(model, args)
+        transfer = args.transfer_config()
+        self.transfer_summary: TransferSummary | None = None
+        if transfer.changes_model:
+            model = prepare_model(model, transfer)
+            self.transfer_summary = model.transfer_summary
         if args.label_names is None:
             args.label_names = [t.name for t in self.tasks]
         self.balancer = build_balancer(args.loss_balancing, self.tasks)
@@ -177,7 +97,8 @@ class MultiTaskTrainer(Trainer):
         self._task_by_name = {t.name: t for t in self.tasks}
         if "compute_metrics" not in kwargs:
             kwargs["compute_metrics"] = build_compute_metrics(self.tasks, label_names=args.label_names)
-        self._use_feature_caches(base, args, kwargs)
+        if transfer.cache_features:
+            self._use_feature_caches(base, args, kwargs)
         super().__init__(model=model, args=args, **kwargs)
         if self.transfer_summary is not None and self.is_world_process_zero():
             logger.info("%s", self.transfer_summary)
@@ -287,7 +208,7 @@ class MultiTaskTrainer(Trainer):
         if found is None or found[0] > 1:
             return None
         _, layer = found
-        base = base_model(self.model)
+        base = unwrap(self.model)
         size = "x".join(str(v) for v in base.config.data_config.get("input_size", [])[1:])
         batch, rows = self.args.per_device_train_batch_size, len(self.train_dataset)
         fix = (
@@ -367,15 +288,6 @@ class MultiTaskTrainer(Trainer):
         tasks are kept). The cache lives in the ``datasets`` cache and is reused while backbone
         weights, data and transform are unchanged.
         """
-        if not args.cache_features:
-            return
-        if args.transfer_strategy != "feature_extraction":
-            raise ValueError(
-                f"cache_features=True needs transfer_strategy='feature_extraction' (a frozen backbone), got "
-                f"{args.transfer_strategy!r}; set transfer_strategy='feature_extraction' or cache_features=False."
-            )
-        from .data import MultiTaskCollator, cache_features
-
         def cached(dataset: Any) -> Any:
             return cache_features(base, dataset, batch_size=args.per_device_eval_batch_size, device=args.device)
 
@@ -395,34 +307,35 @@ class MultiTaskTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """The balancer's loss of the tasks labelled in the batch (the model's own weighted loss for ``static``).
+
+        The model decides which tasks are labelled (``outputs.labelled_tasks``); a task without labels in the
+        batch is left out of the balancer, and its exact-zero loss keeps its head in the graph (zero gradient,
+        and DDP still sees every parameter used).
+        """
         outputs = model(**inputs)
-        present, absent = self._split_by_presence(outputs, inputs)
-        loss: Any = self.balancer.combine(present) if present else 0.0
-        # An absent task adds an exact zero that keeps its head in the graph: zero gradient, and
-        # DDP still sees every parameter used.
-        for zero in absent.values():
-            loss = loss + zero
+        present, absent = self._split_by_presence(outputs)
+        if self.balancer.is_static:
+            loss = outputs.loss  # the TaskSpec-weighted sum: the same number the static balancer would give
+        else:
+            loss = self.balancer.combine(present) if present else 0.0
+            for zero in absent.values():
+                loss = loss + zero
         if model.training:
             self._record_task_losses(present)
         return (loss, outputs) if return_outputs else loss
 
-    def _split_by_presence(self, outputs: Any, inputs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Task losses of the tasks with at least one label in the batch, and of the others.
-
-        Presence is read from the labels (``TaskSpec.label_mask``), not from the loss value: a
-        present task may have an exact zero loss.
-        """
+    def _split_by_presence(self, outputs: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Task losses of the tasks with at least one label in the batch (as the model found), and of the others."""
         task_losses = outputs.task_losses or {}
         if not task_losses:
             raise ValueError(
                 f"The batch has no label for any task; expected columns {[t.name for t in self.tasks]} "
                 "(check prepare_dataset / the collator)."
             )
-        present, absent = {}, {}
-        for name, loss in task_losses.items():
-            task = self._task_by_name[name]
-            target = task.prepare_target(inputs[name], outputs.logits[name].shape[0])
-            (present if bool(task.label_mask(target).any()) else absent)[name] = loss
+        labelled = set(outputs.labelled_tasks)
+        present = {name: loss for name, loss in task_losses.items() if name in labelled}
+        absent = {name: loss for name, loss in task_losses.items() if name not in labelled}
         return present, absent
 
     def _record_task_losses(self, task_losses: dict[str, torch.Tensor]) -> None:
@@ -480,10 +393,10 @@ class MultiTaskTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
             outputs = model(**inputs)
-            present, _ = self._split_by_presence(outputs, inputs)
+            present, _ = self._split_by_presence(outputs)
         self._record_task_losses(present)
         scale = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        base = base_model(model)
+        base = unwrap(model)
         self.balancer.backward(present, features=outputs.pooled, shared_params=base.backbone.parameters(), scale=scale)
         for head in base.heads.values():
             for param in head.parameters():
@@ -702,159 +615,3 @@ def _seeded_transform(dataset: Any) -> Any:
     format_ = getattr(dataset, "format", None)
     transform = (format_ or {}).get("format_kwargs", {}).get("transform") if isinstance(format_, dict) else None
     return transform if getattr(transform, "seed", None) is not None and hasattr(transform, "set_epoch") else None
-
-
-def batch_norm_min_values(model: torch.nn.Module) -> tuple[int, str] | None:
-    """``(values, layer)``: the fewest values per channel and image that a BatchNorm layer of the backbone
-    normalises at the model's input size (``H x W`` of its input), and that layer's name; None without
-    BatchNorm. A batch of ``b`` images trains that layer only if ``b * values > 1``.
-
-    Found with one forward of a blank image in eval mode (no statistics or random state change).
-
-    Example:
-        >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-        >>> m = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")], image_size=32)
-        >>> batch_norm_min_values(m)
-        (1, 'backbone.layer4.0.bn1')
-    """
-    base = base_model(model)
-    layers = [(name, m) for name, m in base.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    parameter = next(base.parameters(), None)
-    if not layers or parameter is None or parameter.device.type == "meta":
-        return None
-    seen: dict[str, int] = {}
-
-    def record(name: str) -> Any:
-        def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            seen.setdefault(name, math.prod(inputs[0].shape[2:]))
-
-        return hook
-
-    hooks = [module.register_forward_pre_hook(record(name)) for name, module in layers]
-    modes = {module: module.training for module in base.modules()}
-    base.eval()
-    try:
-        with torch.no_grad():
-            shape = base.config.data_config["input_size"]
-            base.forward_features(torch.zeros(1, *shape, device=parameter.device, dtype=parameter.dtype))
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for module, mode in modes.items():
-            module.training = mode
-    if not seen:
-        return None
-    name, values = min(seen.items(), key=lambda item: item[1])  # the first such layer in forward order
-    return values, name
-
-
-def _check_transfer_args(args: MultiTaskTrainingArguments) -> None:
-    """Early, clear errors for transfer options that cannot work together."""
-    strategy = args.transfer_strategy
-    if strategy is not None and strategy not in STRATEGIES:
-        raise ValueError(f"Unknown transfer_strategy {strategy!r}; valid strategies: {list(STRATEGIES)} (or None).")
-    if args.trainable_groups is not None:
-        if args.trainable_groups < 0:
-            raise ValueError(f"trainable_groups must be >= 0, got {args.trainable_groups}.")
-        if strategy not in ("partial", "truncate") and not args.gradual_unfreeze:
-            raise ValueError(
-                f"trainable_groups is used by transfer_strategy 'partial' / 'truncate' or by gradual_unfreeze, "
-                f"not by {strategy!r}; drop it or change the strategy."
-            )
-    if strategy == "partial" and args.trainable_groups is None and args.trainable_fraction is None:
-        raise ValueError(
-            "transfer_strategy='partial' needs trainable_groups (how many top layer groups train) or trainable_fraction "
-            "(the share of the backbone's parameters that trains)."
-        )
-    if args.trainable_fraction is not None:
-        if args.trainable_groups is not None:
-            raise ValueError("Pass trainable_groups or trainable_fraction, not both.")
-        if strategy not in ("partial", "truncate"):
-            raise ValueError(f"trainable_fraction is used by transfer_strategy 'partial' / 'truncate', not {strategy!r}.")
-        if not 0.0 < args.trainable_fraction <= 1.0:
-            raise ValueError(f"trainable_fraction must be in (0, 1], got {args.trainable_fraction}.")
-    if args.truncate_stage is not None and strategy != "truncate":
-        raise ValueError(f"truncate_stage is used by transfer_strategy='truncate' only, not {strategy!r}.")
-    if args.keep_depth is not None:
-        if strategy != "truncate" or args.truncate_stage is not None:
-            raise ValueError("keep_depth is used by transfer_strategy='truncate' only, instead of truncate_stage.")
-        if not 0.0 < args.keep_depth < 1.0:
-            raise ValueError(f"keep_depth must be in (0, 1) (share of the backbone's depth kept), got {args.keep_depth}.")
-    if args.bn == "recalibrate" and (strategy in ("feature_extraction", "lora") or args.cache_features):
-        raise ValueError(
-            f"bn='recalibrate' has nothing to re-estimate under {strategy} (the frozen backbone keeps the source's "
-            "BatchNorm statistics); use bn='train' or a strategy that trains the backbone."
-        )
-    if args.gradual_unfreeze and strategy in ("feature_extraction", "lora"):
-        raise ValueError(
-            f"gradual_unfreeze unfreezes backbone groups, which transfer_strategy={strategy!r} keeps frozen; use "
-            "transfer_strategy None, 'fine_tune', 'partial' or 'truncate' with it."
-        )
-    if strategy == "lora":
-        from .adapters import METHODS  # imports peft: only when adapters are asked for
-
-        if args.lora_method not in METHODS:
-            raise ValueError(f"Unknown lora_method {args.lora_method!r}; valid methods: {sorted(METHODS)}.")
-        if args.lora_r < 1 or not 0.0 <= args.lora_dropout < 1.0:
-            raise ValueError(f"lora_r must be >= 1 and lora_dropout in [0, 1); got {args.lora_r} and {args.lora_dropout}.")
-    if args.unfreeze_every_n_steps is not None:
-        if not args.gradual_unfreeze:
-            raise ValueError("unfreeze_every_n_steps needs gradual_unfreeze=True.")
-        if args.unfreeze_every_n_steps < 1:
-            raise ValueError(f"unfreeze_every_n_steps must be >= 1, got {args.unfreeze_every_n_steps}.")
-
-
-def _lora_kwargs(args: MultiTaskTrainingArguments) -> dict[str, Any]:
-    """The ``lora_*`` arguments as keyword arguments of :func:`hf_tlmtl.adapters.apply_lora`."""
-    return {
-        "r": args.lora_r,
-        "alpha": args.lora_alpha,
-        "dropout": args.lora_dropout,
-        "target_modules": args.lora_target_modules,
-        "method": args.lora_method,
-        "adapter_name": args.adapter_name,
-    }
-
-
-def _select_adapter(model: Any, args: MultiTaskTrainingArguments) -> Any:
-    """A peft model given with ``transfer_strategy='lora'`` trains ``args.adapter_name``: the existing adapter of
-    that name (made active and trainable), or a new one added next to the others on the same backbone."""
-    if args.adapter_name in model.peft_config:
-        model.set_adapter(args.adapter_name)
-        return model
-    from .adapters import apply_lora
-
-    return apply_lora(model, **_lora_kwargs(args))
-
-
-def _prepare_transfer(model: Any, args: MultiTaskTrainingArguments) -> tuple[Any, TransferSummary | None]:
-    """Applies ``args.transfer_strategy`` to ``model`` (a peft model with 'lora' is taken as it is)."""
-    strategy = args.transfer_strategy
-    if strategy is None:
-        if args.bn == "frozen":
-            freeze_batch_norm(model)
-            base_model(model).config.bn_policy = "frozen"
-        return model, None
-    if is_peft_model(model):
-        if strategy != "lora":
-            raise ValueError(
-                f"The model already carries peft adapters; transfer_strategy={strategy!r} cannot be applied on top. "
-                "Use transfer_strategy='lora' or None to train the adapters, or merge them first (merge_and_unload())."
-            )
-        model = _select_adapter(model, args)
-        return model, summarize_trainable(model, strategy)
-    if strategy == "lora":
-        summary = apply_transfer_strategy(model, strategy, bn=args.bn, **_lora_kwargs(args))
-    else:
-        summary = apply_transfer_strategy(
-            model,
-            strategy,
-            trainable_groups=args.trainable_groups if strategy in ("partial", "truncate") else None,
-            truncate_stage=args.truncate_stage,
-            trainable_fraction=args.trainable_fraction,
-            keep_depth=args.keep_depth,
-            bn=args.bn,
-            keep_frozen=args.keep_frozen,
-        )
-    return summary.model, summary
-

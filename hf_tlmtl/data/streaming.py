@@ -34,8 +34,8 @@ from typing import Any, Sequence
 import datasets
 from datasets import Dataset, DatasetDict, IterableDataset
 
-from .sources import TABLE_FORMATS, _looks_like_local_path, resolve_tasks
-from .tasks import TaskSpec
+from ..tasks import TaskSpec
+from .sources import TABLE_FORMATS, looks_like_local_path, resolve_tasks
 
 VALIDATION_SPLITS = ("validation", "valid", "val", "test")
 
@@ -49,7 +49,7 @@ def _open_stream(source: str) -> Any:
         if len(tables) > 1:
             raise ValueError(f"--streaming: {str(path)!r} mixes table formats ({tables}); keep one format per folder.")
         return datasets.load_dataset(tables[0] if tables else "imagefolder", data_dir=str(path), streaming=True)
-    if _looks_like_local_path(source):
+    if looks_like_local_path(source):
         raise ValueError(f"--streaming: dataset {source!r} not found; pass a folder, a table file or a Hub id org/name.")
     return datasets.load_dataset(source, streaming=True)
 

@@ -40,9 +40,9 @@ from PIL import Image, UnidentifiedImageError
 from transformers import Pipeline
 from transformers.image_utils import load_image
 
-from .image_processing import TimmMultiTaskImageProcessor
-from .tasks import TaskSpec
-from .transfer import base_model
+from ..backbone.unwrap import unwrap
+from ..image_processing import TimmMultiTaskImageProcessor
+from ..tasks import TaskSpec
 
 PIPELINE_TASK = "multitask-image-classification"
 DEFAULT_TOP_K = 5
@@ -116,7 +116,7 @@ class MultiTaskImageClassificationPipeline(Pipeline):
         if self._batch_size is None:
             self._batch_size = DEFAULT_BATCH_SIZE
         try:
-            base = base_model(self.model)
+            base = unwrap(self.model)
         except ValueError:
             raise ValueError(
                 f"The {PIPELINE_TASK!r} pipeline needs an hf_tlmtl TimmMultiTaskModel, got {type(self.model).__name__}; "

@@ -28,9 +28,10 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from datasets import ClassLabel, Dataset, LargeList, List, Sequence as SequenceFeature, Value, concatenate_datasets
+from datasets import ClassLabel, Dataset, LargeList, List, Value, concatenate_datasets
+from datasets import Sequence as SequenceFeature
 
-from .tasks import IGNORE_INDEX, TaskSpec
+from ..tasks import IGNORE_INDEX, TaskSpec
 
 _LIST_FEATURES = (List, LargeList, SequenceFeature)
 
