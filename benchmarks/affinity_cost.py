@@ -27,7 +27,7 @@ from hf_tlmtl import TaskSpec, TimmMultiTaskModel
 from hf_tlmtl.multitask import TaskAffinityCallback
 from hf_tlmtl.data import prepare_dataset
 from hf_tlmtl.data.embedded import load_embedded_dataset
-from hf_tlmtl.data.sources import infer_tasks
+from hf_tlmtl.data import infer_tasks
 from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
 from results_md import write_section  # benchmarks/ is on sys.path when run as a script
 

@@ -39,7 +39,7 @@ from transformers import TrainerCallback
 
 from hf_tlmtl import TimmMultiTaskModel
 from hf_tlmtl.data import MultiTaskCollator, build_transforms, prepare_dataset
-from hf_tlmtl.data.sources import load_image_dataset, resolve_tasks
+from hf_tlmtl.data import load_image_dataset, resolve_tasks
 from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
 from results_md import write_section  # benchmarks/ is on sys.path when run as a script
 

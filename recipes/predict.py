@@ -35,7 +35,7 @@ from transformers import HfArgumentParser
 import hf_tlmtl  # noqa: F401  (registers AutoModel and the pipeline)
 from hf_tlmtl.checkpoints import check_model_folder
 from hf_tlmtl.hub.pipeline import DEFAULT_BATCH_SIZE, PIPELINE_TASK
-from hf_tlmtl.data.sources import TABLE_FORMATS, embedded_dataset_names, load_image_dataset, load_table
+from hf_tlmtl.data import TABLE_FORMATS, embedded_dataset_names, load_image_dataset, load_table
 from hf_tlmtl.tasks import TaskSpec
 
 OUTPUT_FORMATS = (".csv", ".json", ".jsonl")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import hf_tlmtl  # noqa: F401 - registers the Auto classes
 from hf_tlmtl.training.cli import UsageError, build_parser, run_or_exit
-from hf_tlmtl.data.sources import load_image_dataset, resolve_tasks
+from hf_tlmtl.data import load_image_dataset, resolve_tasks
 from hf_tlmtl.transferability import METHODS, check_labels, rank_backbones, ranking_markdown
 
 IMAGENET_SOURCE = "imagenet-efficientnet-lite0"

@@ -23,7 +23,7 @@ from hf_tlmtl.multitask.affinity import (
 from hf_tlmtl.multitask.grouping import group_tasks, grouping_score
 from hf_tlmtl.data import prepare_dataset
 from hf_tlmtl.data.embedded import COLORS, SIZE_CLASSES, WARM_COLORS, load_embedded_dataset
-from hf_tlmtl.data.sources import infer_tasks
+from hf_tlmtl.data import infer_tasks
 from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
 
 SIZE = 32

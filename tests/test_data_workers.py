@@ -13,7 +13,7 @@ from datasets import DatasetDict
 
 from hf_tlmtl import TimmMultiTaskModel
 from hf_tlmtl.data import MultiTaskCollator, build_transforms, prepare_dataset
-from hf_tlmtl.data.sources import load_image_dataset, load_table, resolve_tasks
+from hf_tlmtl.data import load_image_dataset, load_table, resolve_tasks
 from hf_tlmtl.data.streaming import load_streaming_dataset
 from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
 from recipe_utils import write_image_folder, write_image_table

@@ -64,7 +64,7 @@ def test_outputs_model_loads_with_automodel_and_matches_summary(trained):
 
     import hf_tlmtl  # noqa: F401  (registers AutoModel)
     from hf_tlmtl.data import MultiTaskCollator, prepare_dataset
-    from hf_tlmtl.data.sources import load_image_dataset, resolve_tasks
+    from hf_tlmtl.data import load_image_dataset, resolve_tasks
 
     out, _ = trained
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "training_summary.json"):

@@ -102,7 +102,7 @@ def _dict(features, rows):
 
 
 def test_tasks_inferred_from_column_features():
-    from hf_tlmtl.data.sources import resolve_tasks
+    from hf_tlmtl.data import resolve_tasks
 
     features = Features(
         {
@@ -133,7 +133,7 @@ def test_tasks_inferred_from_column_features():
 
 
 def test_text_labels_become_classlabels_and_missing_values_stay_missing():
-    from hf_tlmtl.data.sources import resolve_tasks
+    from hf_tlmtl.data import resolve_tasks
 
     data = DatasetDict(
         train=Dataset.from_dict({"image": ["a", "b", "c", "d"], "kind": ["dog", None, "cat", "dog"]}),

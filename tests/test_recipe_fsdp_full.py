@@ -75,7 +75,7 @@ def test_recalibrated_statistics_under_fsdp_equal_one_process_recalibration(runs
     import hf_tlmtl  # noqa: F401
     from hf_tlmtl.transfer.batch_norm import batch_norm_layers, recalibrate_batch_norm
     from hf_tlmtl.data import MultiTaskCollator, prepare_dataset
-    from hf_tlmtl.data.sources import load_image_dataset, resolve_tasks
+    from hf_tlmtl.data import load_image_dataset, resolve_tasks
 
     full, _, _ = runs
     saved = transformers.AutoModel.from_pretrained(full)

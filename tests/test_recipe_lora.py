@@ -15,7 +15,7 @@ def test_lora_run_saves_merged_model_that_scores_what_was_evaluated(tmp_path):
 
     import hf_tlmtl  # noqa: F401
     from hf_tlmtl.data import MultiTaskCollator, prepare_dataset
-    from hf_tlmtl.data.sources import load_image_dataset, resolve_tasks
+    from hf_tlmtl.data import load_image_dataset, resolve_tasks
 
     out = tmp_path / "out"
     proc = check_ok(

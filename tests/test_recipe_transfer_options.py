@@ -88,7 +88,7 @@ def test_bad_preprocessing_overrides(recipe, tmp_path, monkeypatch, extra, match
 
 
 def test_local_folder_does_not_say_downloading(tmp_path, capfd):
-    from hf_tlmtl.data.sources import load_image_dataset
+    from hf_tlmtl.data import load_image_dataset
 
     folder = write_image_folder(tmp_path / "images", ["a", "b"], per_class=20, size=8)  # datasets shows the bar from 16 files
     datasets.enable_progress_bars()

@@ -6,7 +6,7 @@ import transformers
 from hf_tlmtl import TimmMultiTaskModel
 from hf_tlmtl.data import MultiTaskCollator, prepare_dataset
 from hf_tlmtl.data.embedded import load_embedded_dataset
-from hf_tlmtl.data.sources import infer_tasks
+from hf_tlmtl.data import infer_tasks
 
 
 def test_stock_trainer_lowers_training_loss_on_embedded_shapes(tmp_path):

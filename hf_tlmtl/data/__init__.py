@@ -2,6 +2,7 @@
 
 - :mod:`~hf_tlmtl.data.sources`, :mod:`~hf_tlmtl.data.streaming`, :mod:`~hf_tlmtl.data.embedded`: image folders, tables,
   Hub datasets, streams and the code-generated / bundled sets; tasks inferred from their columns.
+- :mod:`~hf_tlmtl.data.task_columns`: the tasks of a dataset, stated or inferred from its columns.
 - :mod:`~hf_tlmtl.data.labels`: label columns checked against the tasks and encoded as targets;
   :mod:`~hf_tlmtl.data.partial_labels`: datasets that label different tasks, concatenated.
 - :mod:`~hf_tlmtl.data.transforms` (timm's), :mod:`~hf_tlmtl.data.preparation` (the lazy batch transform),
@@ -41,20 +42,15 @@ from .labels import encode_labels, plan_label_columns
 from .partial_labels import concatenate_partially_labelled, missing_label_value
 from .preparation import (
     ROW_COLUMN,
+    STREAM_MAP_BATCH,
     check_image_column,
     check_worker_picklable,
     prepare_dataset,
     raw_dataset,
 )
-from .sources import (
-    TABLE_FORMATS,
-    embedded_dataset_names,
-    infer_tasks,
-    load_image_dataset,
-    load_table,
-    resolve_tasks,
-)
+from .sources import TABLE_FORMATS, embedded_dataset_names, load_image_dataset, load_table
 from .streaming import load_streaming_dataset, read_per_process
+from .task_columns import infer_tasks, parse_task_arg, resolve_tasks
 from .transforms import DEFAULT_TRAIN_SCALE, build_transforms
 
 __all__ = [
@@ -62,6 +58,7 @@ __all__ = [
     "EMBEDDED_DATASETS",
     "FEATURES_COLUMN",
     "ROW_COLUMN",
+    "STREAM_MAP_BATCH",
     "TABLE_FORMATS",
     "MultiTaskCollator",
     "backbone_fingerprint",
@@ -78,6 +75,7 @@ __all__ = [
     "load_streaming_dataset",
     "load_table",
     "missing_label_value",
+    "parse_task_arg",
     "plan_label_columns",
     "prepare_dataset",
     "raw_dataset",

@@ -28,6 +28,7 @@ class LabelColumn:
 _FLOAT_DTYPES = {"float16", "float32", "float64", "bfloat16"}
 
 
+STRING_DTYPES = ("string", "large_string")
 INT_DTYPES = {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
 
 

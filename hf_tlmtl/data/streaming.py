@@ -35,7 +35,8 @@ import datasets
 from datasets import Dataset, DatasetDict, IterableDataset
 
 from ..tasks import TaskSpec
-from .sources import TABLE_FORMATS, looks_like_local_path, resolve_tasks
+from .sources import TABLE_FORMATS, looks_like_local_path
+from .task_columns import resolve_tasks
 
 VALIDATION_SPLITS = ("validation", "valid", "val", "test")
 

@@ -27,6 +27,14 @@ Example:
 
 from .adapter_card import create_adapter_card
 from .cards import (
+    ADAPTER_CARD_TEMPLATE,
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_TAGS,
+    CARD_NAME,
+    CARD_TAGS,
+    LIBRARY_NAME,
+    MODEL_CARD_TEMPLATE,
+    PIPELINE_TAG,
     base_model_id,
     create_model_card,
     metrics_from_card,
@@ -34,9 +42,18 @@ from .cards import (
     template_path,
 )
 from .pipeline import PIPELINE_TASK, MultiTaskImageClassificationPipeline
-from .push import PushToHubError, push_model_to_hub
+from .push import DEFAULT_IGNORE_PATTERNS, PushToHubError, push_model_to_hub
 
 __all__ = [
+    "ADAPTER_CARD_TEMPLATE",
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_TAGS",
+    "CARD_NAME",
+    "CARD_TAGS",
+    "DEFAULT_IGNORE_PATTERNS",
+    "LIBRARY_NAME",
+    "MODEL_CARD_TEMPLATE",
+    "PIPELINE_TAG",
     "PIPELINE_TASK",
     "MultiTaskImageClassificationPipeline",
     "PushToHubError",

@@ -78,13 +78,24 @@ class MultiTaskTrainer(Trainer):
     def __init__(self, model: Any = None, args: MultiTaskTrainingArguments | None = None, **kwargs: Any):
         if args is None:
             args = MultiTaskTrainingArguments(output_dir="tmp_trainer", report_to="none")
+        self.args = args
+        self.transfer_summary: TransferSummary | None = None
+        model_init = kwargs.pop("model_init", None)
+        if model is None and model_init is not None:
+            # The Trainer builds a fresh model from model_init at every train(): that model is prepared in
+            # call_model_init too. The first one gives the tasks the balancer and the metrics are built for.
+            self.model_init = model_init
+            model = self.call_model_init()
+        else:
+            model = self._prepared(model)
         base = unwrap(model)
         self.tasks = list(base.tasks)
         transfer = args.transfer_config()
-        self.transfer_summary: TransferSummary | None = None
-        if transfer.changes_model:
-            model = prepare_model(model, transfer)
-            self.transfer_summary = model.transfer_summary
+        if model_init is not None and (transfer.cache_features or args.gradual_unfreeze):
+            raise ValueError(
+                "cache_features and gradual_unfreeze hold the first model's backbone, which model_init replaces at "
+                "train(): pass model= instead of model_init= with them."
+            )
         if args.label_names is None:
             args.label_names = [t.name for t in self.tasks]
         self.balancer = build_balancer(args.loss_balancing, self.tasks)
@@ -100,6 +111,7 @@ class MultiTaskTrainer(Trainer):
         if transfer.cache_features:
             self._use_feature_caches(base, args, kwargs)
         super().__init__(model=model, args=args, **kwargs)
+        self.model_init = model_init
         if self.transfer_summary is not None and self.is_world_process_zero():
             logger.info("%s", self.transfer_summary)
         self.gradual_unfreeze: GradualUnfreezeCallback | None = None
@@ -127,6 +139,29 @@ class MultiTaskTrainer(Trainer):
                 )
         self._checked_can_train: str | None | bool = False
         self._bn_recalibrated_at: int | None = None
+
+    def _prepared(self, model: Any) -> Any:
+        """``model`` made ready as ``args.transfer_config()`` says (:func:`~hf_tlmtl.transfer.prepare_model`, idempotent)."""
+        transfer = self.args.transfer_config()
+        if not transfer.changes_model:
+            return model
+        model = prepare_model(model, transfer)
+        self.transfer_summary = model.transfer_summary
+        return model
+
+    def call_model_init(self, trial: Any = None) -> Any:
+        """``Trainer.call_model_init``, then :func:`~hf_tlmtl.transfer.prepare_model` with the arguments' transfer config.
+
+        So ``model_init`` may return a plain model, or one it prepared itself (preparing again changes nothing).
+        """
+        model = self._prepared(super().call_model_init(trial))
+        tasks = [t.name for t in unwrap(model).tasks]
+        if getattr(self, "tasks", None) is not None and tasks != [t.name for t in self.tasks]:
+            raise ValueError(
+                f"model_init returned a model with tasks {tasks}, but this trainer was built for "
+                f"{[t.name for t in self.tasks]}: every model it returns must have the same tasks."
+            )
+        return model
 
     def create_accelerator_and_postprocess(self) -> None:
         """The Trainer's accelerator; on CPU, a run that asks for FSDP2 gets it (accelerate alone would run DDP)."""

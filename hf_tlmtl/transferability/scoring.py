@@ -17,7 +17,7 @@ from torch import nn
 
 from ..data.feature_cache import FEATURES_COLUMN, cache_features
 from ..data.labels import encode_labels, plan_label_columns
-from ..data.sources import infer_tasks
+from ..data.task_columns import infer_tasks
 from ..modeling import TimmMultiTaskModel
 from ..tasks import IGNORE_INDEX, TaskSpec, normalize_tasks
 from .estimators import _as_float64, h_score, leep, logme
