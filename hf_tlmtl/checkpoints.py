@@ -28,6 +28,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from .backbone.unwrap import is_peft_model, unwrap
 
 CONFIG_NAME = "config.json"
@@ -114,7 +116,6 @@ def backbone_load_error(source: Any, model: Any, loading_info: dict[str, Any]) -
 
 
 def _safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
 
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
@@ -154,7 +155,7 @@ def checkpoint_mismatch(model: Any, checkpoint: str | os.PathLike) -> str | None
     if is_peft_model(model):
         if kind != "adapter":
             return "it holds a full model, this run trains a peft adapter"
-        from peft.utils import get_peft_model_state_dict
+        from peft.utils import get_peft_model_state_dict  # peft only for a peft model: plain loads never need it
 
         wanted = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
     else:

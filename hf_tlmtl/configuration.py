@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from transformers import PreTrainedConfig
@@ -86,7 +87,6 @@ class TimmMultiTaskConfig(PreTrainedConfig):
 
     @classmethod
     def from_json_string(cls, text: str) -> "TimmMultiTaskConfig":
-        import json
 
         return cls.from_dict(json.loads(text))
 

@@ -57,7 +57,7 @@ from hf_tlmtl.multitask.curves import plot_training_curves  # noqa: E402
 from hf_tlmtl.data import MultiTaskCollator, build_transforms, prepare_dataset  # noqa: E402
 from hf_tlmtl.training.distributed import describe_sharding, full_state_dict  # noqa: E402
 from hf_tlmtl.training.run_folder import SET_ASIDE_DIR, DropSetAsideOnSave, drop_set_aside, restore, set_aside  # noqa: E402
-from hf_tlmtl.data.sources import load_image_dataset, resolve_tasks  # noqa: E402
+from hf_tlmtl.data import load_image_dataset, resolve_tasks  # noqa: E402
 from hf_tlmtl.data.streaming import load_streaming_dataset, read_per_process  # noqa: E402
 from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments  # noqa: E402
 from hf_tlmtl.transfer import (  # noqa: E402

@@ -33,7 +33,7 @@ from hf_tlmtl.training.cli import UsageError, build_parser, parse_experiment_arg
 from hf_tlmtl.data import MultiTaskCollator, prepare_dataset
 from hf_tlmtl.data.embedded import SHAPES_FEATURES, load_embedded_dataset
 from hf_tlmtl.multitask.metrics import LOWER_IS_BETTER, MAIN_METRIC, delta_m
-from hf_tlmtl.data.sources import infer_tasks
+from hf_tlmtl.data import infer_tasks
 from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
 
 

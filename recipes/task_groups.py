@@ -44,7 +44,7 @@ from hf_tlmtl.training.cli import UsageError, parse_experiment_argv, run_or_exit
 from hf_tlmtl.data import MultiTaskCollator, prepare_dataset
 from hf_tlmtl.data.embedded import load_embedded_dataset
 from hf_tlmtl.multitask.metrics import LOWER_IS_BETTER, MAIN_METRIC, delta_m
-from hf_tlmtl.data.sources import infer_tasks
+from hf_tlmtl.data import infer_tasks
 from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
 
 # The training and evaluation of one (multi-)task model is mtl_vs_single's, reused as it is.

@@ -59,7 +59,7 @@ from hf_tlmtl import TaskSpec, TimmMultiTaskModel
 from hf_tlmtl.training.cli import YAML_SUFFIXES, UsageError, build_parser, parse_experiment_argv, run_or_exit
 from hf_tlmtl.data import MultiTaskCollator, build_transforms, prepare_dataset
 from hf_tlmtl.multitask.metrics import LOWER_IS_BETTER, MAIN_METRIC
-from hf_tlmtl.data.sources import infer_tasks, load_image_dataset
+from hf_tlmtl.data import infer_tasks, load_image_dataset
 from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
 from hf_tlmtl.transfer import (
     LARGE_DIFFERENT_LAYER_DECAY,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from timm.layers.norm_act import FrozenBatchNorm2d, FrozenBatchNormAct2d
+from timm.models import group_parameters
 from timm.models._manipulate import (
     group_with_matcher,  # group_parameters for any named tensors
 )
@@ -254,7 +255,6 @@ def block_class_names(backbone: nn.Module) -> list[str]:
     matcher = getattr(backbone, "group_matcher", None)
     if matcher is None:
         return []
-    from timm.models import group_parameters
 
     try:
         groups = group_parameters(backbone, matcher(coarse=False))

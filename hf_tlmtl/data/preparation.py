@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import pickle
 import random
 import struct
 from typing import Any, Callable, Iterable
@@ -240,7 +241,6 @@ def check_worker_picklable(dataset: Any, what: str = "the dataset", workers: int
         ...     print(str(e).split(", which")[0])
         dataloader_num_workers=2 sends train_dataset's transform to worker processes
     """
-    import pickle
 
     if isinstance(dataset, Dataset):
         target = (dataset.format.get("format_kwargs") or {}).get("transform") if dataset.format["type"] == "custom" else None

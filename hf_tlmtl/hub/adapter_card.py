@@ -12,6 +12,7 @@ from huggingface_hub import (
     ModelCard,
     ModelCardData,
 )
+from safetensors import safe_open
 
 from ..backbone.unwrap import is_peft_model
 from ..configuration import TimmMultiTaskConfig
@@ -47,13 +48,12 @@ def _adapter_config(adapter: Any) -> tuple[Any, Path | None, Any | None]:
             f"{folder} is not a saved PEFT adapter ({ADAPTER_CONFIG_NAME} missing). Save one with "
             "peft_model.save_pretrained(DIR) or pass the peft model itself."
         )
-    from peft import PeftConfig
+    from peft import PeftConfig  # peft only for an adapter folder: model cards and the pipeline never need it
 
     return PeftConfig.from_pretrained(str(folder)), folder, None
 
 
 def _count_adapter_params(folder: Path) -> int | None:
-    from safetensors import safe_open
 
     files = sorted(folder.glob("adapter_model*.safetensors"))
     if not files:

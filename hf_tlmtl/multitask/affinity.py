@@ -476,6 +476,7 @@ def format_matrix(result: AffinityMatrix, kind: str = "lookahead") -> str:
 
 def plot_affinity(result: AffinityMatrix, path: str | os.PathLike, title: str | None = None) -> Path:
     """Heatmaps of both matrices (lookahead, cosine) to ``path`` (PNG), values written in the cells."""
+    # matplotlib only when a figure is drawn (~0.3 s of imports)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure

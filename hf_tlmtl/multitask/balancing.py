@@ -241,7 +241,7 @@ class GradientAggregationBalancer(LossBalancer):
         Jacobian row would distort MGDA-like aggregators). ``scale`` multiplies every loss
         (``1 / gradient_accumulation_steps``).
         """
-        from torchjd.autojac import jac_to_grad, mtl_backward
+        from torchjd.autojac import jac_to_grad, mtl_backward  # torchjd only for gradient-aggregation balancers
 
         rows = {n: self.static_weights[n] * scale * loss for n, loss in task_losses.items() if self.static_weights[n] > 0}
         if not rows:
@@ -265,7 +265,7 @@ class UPGradBalancer(GradientAggregationBalancer):
     name = "upgrad"
 
     def make_aggregator(self) -> Any:
-        from torchjd.aggregation import UPGrad
+        from torchjd.aggregation import UPGrad  # torchjd only when this balancer is built
 
         return UPGrad()
 
@@ -277,7 +277,7 @@ class MGDABalancer(GradientAggregationBalancer):
     name = "mgda"
 
     def make_aggregator(self) -> Any:
-        from torchjd.aggregation import MGDA
+        from torchjd.aggregation import MGDA  # torchjd only when this balancer is built
 
         return MGDA()
 
@@ -288,7 +288,7 @@ class PCGradBalancer(GradientAggregationBalancer):
     name = "pcgrad"
 
     def make_aggregator(self) -> Any:
-        from torchjd.aggregation import PCGrad
+        from torchjd.aggregation import PCGrad  # torchjd only when this balancer is built
 
         return PCGrad()
 
@@ -299,7 +299,7 @@ class IMTLGBalancer(GradientAggregationBalancer):
     name = "imtlg"
 
     def make_aggregator(self) -> Any:
-        from torchjd.aggregation import IMTLG
+        from torchjd.aggregation import IMTLG  # torchjd only when this balancer is built
 
         return IMTLG()
 

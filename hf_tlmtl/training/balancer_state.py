@@ -9,6 +9,8 @@ import os
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ..multitask.balancing import LossBalancer
 
@@ -38,7 +40,6 @@ def save_balancer_state(balancer: LossBalancer, directory: str | os.PathLike, ex
         >>> sorted(os.listdir(d))
         ['balancer.safetensors', 'balancer_state.json']
     """
-    from safetensors.torch import save_file
 
     os.makedirs(directory, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in balancer.state_dict().items()}
@@ -67,7 +68,6 @@ def load_balancer_state(balancer: LossBalancer, directory: str | os.PathLike) ->
         >>> _ = load_balancer_state(b2, d); round(b2.log_vars["y"].item(), 4)
         0.3
     """
-    from safetensors.torch import load_file
 
     state_file = os.path.join(directory, BALANCER_STATE_NAME)
     if not os.path.isfile(state_file):
@@ -140,7 +140,6 @@ def save_balancer_optimizer_state(balancer: LossBalancer, optimizer: Any, direct
         >>> torch.equal(opt2.state[b2.log_vars["y"]]["exp_avg"], opt.state[b.log_vars["y"]]["exp_avg"])
         True
     """
-    from safetensors.torch import save_file
 
     group = balancer_param_group(balancer, optimizer)
     if group is None:
@@ -171,7 +170,6 @@ def load_balancer_optimizer_state(balancer: LossBalancer, optimizer: Any, direct
 
     Example: see :func:`save_balancer_optimizer_state`, which saves and loads one.
     """
-    from safetensors import safe_open
 
     path = os.path.join(directory, BALANCER_OPTIMIZER_NAME)
     group = balancer_param_group(balancer, optimizer)

@@ -23,7 +23,10 @@ import os
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 def fsdp_requested(args: Any) -> bool:
@@ -47,8 +50,6 @@ def enable_fsdp_on_cpu(accelerator: Any, args: Any) -> bool:
     (``fully_shard`` per wrap unit, DTensor parameters, sharded / full state dicts) itself works on
     CPU. Returns whether it switched; does nothing on GPUs or without an FSDP request.
     """
-    from accelerate import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     state = accelerator.state
     if state.distributed_type != DistributedType.MULTI_CPU or not fsdp_requested(args):
@@ -124,7 +125,6 @@ def full_state_dict(accelerator: Any, model: nn.Module) -> dict[str, torch.Tenso
     again (``cpu_offload`` copies nothing when the weights already are on CPU), and safetensors then
     fails with "invalid python storage". Each shard is gathered here and copied.
     """
-    from torch.distributed.tensor import DTensor
 
     if not getattr(accelerator, "is_fsdp2", False):
         return accelerator.get_state_dict(model, unwrap=True)

@@ -11,7 +11,7 @@ from itertools import islice
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, get_scheduler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
@@ -222,7 +222,6 @@ class MultiTaskTrainer(Trainer):
                 f"{self.args.learning_rate}, weight_decay={self.args.weight_decay}, adam_beta1/adam_beta2="
                 f"{self.args.adam_beta1}/{self.args.adam_beta2}, adam_epsilon={self.args.adam_epsilon}, optim_args."
             ) from None
-        from transformers import get_scheduler
 
         steps = self.args.max_steps if self.args.max_steps > 0 else 100
         try:

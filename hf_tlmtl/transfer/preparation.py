@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 from transformers.utils import logging
 
+from ..adapters.attach import apply_lora
 from ..adapters.config import AdapterConfig
 from ..backbone.unwrap import is_peft_model, unwrap
 from .batch_norm import check_bn_policy, freeze_batch_norm
@@ -170,10 +171,6 @@ def _apply(model: nn.Module, config: TransferConfig) -> tuple[nn.Module, Transfe
         if adapter.adapter_name in model.peft_config:
             model.set_adapter(adapter.adapter_name)
         else:
-            from ..adapters import (
-                apply_lora,  # imports peft: only when adapters are asked for
-            )
-
             model = apply_lora(model, config=adapter)
         return model, summarize_trainable(model, strategy)
     if strategy == "lora":

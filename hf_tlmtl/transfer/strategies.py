@@ -30,6 +30,7 @@ from timm.utils.model import freeze, unfreeze
 from torch import nn
 from transformers.utils import logging
 
+from ..adapters.attach import apply_lora
 from ..backbone.anatomy import (
     LayerGroup,
     backbone_groups,
@@ -158,12 +159,6 @@ def _truncate(model: nn.Module, truncate_stage: int | None, keep_depth: float | 
     return notes
 
 
-def _apply_lora(model: nn.Module, lora_kwargs: dict[str, Any]) -> nn.Module:
-    from ..adapters import apply_lora  # imports peft: only when adapters are asked for
-
-    return apply_lora(model, **lora_kwargs)
-
-
 def apply_transfer_strategy(
     model: nn.Module,
     strategy: str,
@@ -268,7 +263,7 @@ def apply_transfer_strategy(
         if frozen:
             notes.append(f"bn='frozen': {frozen} BatchNorm layers frozen (running statistics and affine weights)")
     if strategy == "lora":  # after the BatchNorm policy: adapters wrap the (frozen-BN) backbone
-        model = _apply_lora(model, lora_kwargs)
+        model = apply_lora(model, **lora_kwargs)
     base.config.bn_policy = "frozen" if strategy in BN_FROZEN_STRATEGIES else bn
     summary = summarize_trainable(model, strategy)
     summary.bn, summary.notes = base.config.bn_policy, notes

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.covariance import ledoit_wolf
 
 _LOGME_MAX_ITERATIONS = 100
 _LOGME_TOLERANCE = 1e-6
@@ -141,7 +142,6 @@ def h_score(features: Any, labels: Any) -> float:
         >>> 0.9 < h_score(f, y) < 1.0  # one dimension carries the labels almost noise-free: close to 1
         True
     """
-    from sklearn.covariance import ledoit_wolf
 
     f = _as_float64(features)
     y = _class_indices(labels)

@@ -8,9 +8,12 @@ saved hf_tlmtl models (:func:`load_source`).
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import timm
 import torch
 from datasets import Dataset, DatasetDict
 from torch import nn
@@ -204,7 +207,6 @@ def load_source(
         return TimmMultiTaskModel.from_pretrained(backbone)  # its own heads stay: LEEP's source_task reads them
     model = TimmMultiTaskModel.from_backbone(backbone, tasks, pretrained=True, image_size=image_size, **timm_kwargs)
     if keep_classifier:
-        import timm
 
         source = timm.create_model(backbone, pretrained=True, **timm_kwargs)
         classifier = source.get_classifier() if source.num_classes else None
@@ -217,8 +219,6 @@ def load_source(
 
 
 def _is_saved_model(path: str) -> bool:
-    import json
-    from pathlib import Path
 
     config = Path(path) / "config.json"
     return config.is_file() and json.loads(config.read_text()).get("model_type") == "timm_multitask"
