@@ -11,7 +11,7 @@ from itertools import islice
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments, get_scheduler
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
@@ -33,7 +33,6 @@ from ..data.preparation import check_worker_picklable
 from ..multitask.balancing import build_balancer
 from ..multitask.metrics import build_compute_metrics
 from ..transfer.batch_norm import (
-    batch_norm_min_values,
     recalibrate_batch_norm,
 )
 from ..transfer.layer_decay import layer_decay_param_groups
@@ -49,6 +48,7 @@ from .balancer_state import (
     save_balancer_optimizer_state,
     save_balancer_state,
 )
+from .checks import check_optimizer_settings, last_batch_of_one
 from .distributed import check_fsdp_setup, enable_fsdp_on_cpu, full_state_dict
 
 
@@ -203,70 +203,16 @@ class MultiTaskTrainer(Trainer):
         """
         if self._checked_can_train is not False:
             return self._checked_can_train or None
-        self._check_optimizer_settings()
-        note = self._check_batch_norm_batches()
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        if not (_is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs)):
+            check_optimizer_settings(self.args, optimizer_cls, optimizer_kwargs)  # else it builds its own groups
+        note = None
+        if not self.args.cache_features:
+            note = last_batch_of_one(self.model, self.args, self.train_dataset)
+        if note is not None:
+            self.args.dataloader_drop_last = True
+            logger.warning(note)
         self._checked_can_train = note
-        return note
-
-    def _check_optimizer_settings(self) -> None:
-        model = self.model
-        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
-        if _is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
-            return  # builds its own groups from the model: nothing to try on a dummy parameter
-        dummy = torch.nn.Parameter(torch.zeros(2))
-        try:
-            optimizer = optimizer_cls([dummy], **optimizer_kwargs)
-        except (ValueError, TypeError) as e:
-            raise ValueError(
-                f"optim={getattr(self.args.optim, 'value', self.args.optim)!r} refuses these settings ({e}): check learning_rate="
-                f"{self.args.learning_rate}, weight_decay={self.args.weight_decay}, adam_beta1/adam_beta2="
-                f"{self.args.adam_beta1}/{self.args.adam_beta2}, adam_epsilon={self.args.adam_epsilon}, optim_args."
-            ) from None
-
-        steps = self.args.max_steps if self.args.max_steps > 0 else 100
-        try:
-            get_scheduler(
-                self.args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=self.args.get_warmup_steps(steps),
-                num_training_steps=steps, scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
-            )
-        except (ValueError, TypeError) as e:
-            raise ValueError(
-                f"lr_scheduler_type={str(self.args.lr_scheduler_type)!r} refuses these settings ({e}); check "
-                f"lr_scheduler_kwargs={self.args.lr_scheduler_kwargs}."
-            ) from None
-
-    def _check_batch_norm_batches(self) -> str | None:
-        if self.args.cache_features or self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
-            return None
-        found = batch_norm_min_values(self.model)
-        if found is None or found[0] > 1:
-            return None
-        _, layer = found
-        base = unwrap(self.model)
-        size = "x".join(str(v) for v in base.config.data_config.get("input_size", [])[1:])
-        batch, rows = self.args.per_device_train_batch_size, len(self.train_dataset)
-        fix = (
-            "use a batch size of 2 or more, a larger image size, or transfer_strategy='feature_extraction' "
-            "(BatchNorm frozen)"
-        )
-        why = (
-            f"BatchNorm layer {layer} of backbone {base.config.backbone!r} sees 1x1 feature maps at input {size}, "
-            "and BatchNorm cannot train on one value per channel"
-        )
-        if batch == 1:
-            raise ValueError(f"per_device_train_batch_size=1: {why}; {fix}.")
-        # Several processes: accelerate completes every process's last batch (even_batches), so only
-        # a single process can end an epoch on a batch of one.
-        if self.args.world_size > 1 or self.args.dataloader_drop_last or rows % batch != 1:
-            return None
-        if rows == 1:
-            raise ValueError(f"The training set has 1 row: {why}; train on more rows or {fix}.")
-        self.args.dataloader_drop_last = True
-        note = (
-            f"{rows} training rows in batches of {batch} would end each epoch on a batch of one image, which "
-            f"{layer} (BatchNorm) cannot train on: that last image is left out of each epoch (dataloader_drop_last)"
-        )
-        logger.warning(note)
         return note
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
