@@ -69,6 +69,7 @@ from hf_tlmtl.transfer import (
 )
 from hf_tlmtl import transferability
 from hf_tlmtl.transferability import score_transferability
+from hf_tlmtl.transferability.similarity import _random_init_copy
 
 CONTENDERS: dict[str, str] = {
     "scratch": "random initialisation, everything trains",
@@ -523,7 +524,7 @@ def transferability_scores(
         scores["source"][method] = score_transferability(
             scorer, train, tasks, method, cache_dir=str(cache_dir), image_column=study.image_column, source_task=source_task
         )[target.task.name]
-    random_model = transferability._random_init_copy(model, seed=0)
+    random_model = _random_init_copy(model, seed=0)
     scores["random"]["h_score"] = score_transferability(random_model, train, tasks, "h_score", cache_dir=str(cache_dir), image_column=study.image_column)[target.task.name]
     scores["measurement"] = asdict(measurement)
     scores["seconds"] = time.perf_counter() - started
