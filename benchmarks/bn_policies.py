@@ -1,11 +1,11 @@
 """BatchNorm policies side by side on a real pretrained source, for the four classic transfer cases.
 
-    python benchmarks/bn_policies.py [recipes/configs/transfer_study.yaml] [--key value ...]
+    python benchmarks/bn_policies.py [benchmarks/transfer_study/config.yaml] [--key value ...]
 
 The source is EfficientNet-Lite0 with ImageNet weights (``[study]`` extra); the targets are the transfer
 study's ``photos`` (similar to ImageNet) and ``digits`` (different), each at ``--small_size`` and
 ``--large_size`` training images: the four cases. Every variant below runs with the transfer study's
-shared settings (steps, batch, learning rate, image size; ``recipes/transfer_study.py``) over ``--seeds``:
+shared settings (steps, batch, learning rate, image size; ``benchmarks/transfer_study/``) over ``--seeds``:
 
 - ``feature_extraction`` (BatchNorm frozen with the backbone, the reference);
 - ``partial`` (``trainable_fraction=0.25``: the top layer group, 30 % of EfficientNet-Lite0),
@@ -32,11 +32,12 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-import transfer_study as ts  # noqa: E402 - the study's data, sources and runs
+from hf_tlmtl.training.cli import run_or_exit
+from hf_tlmtl.transfer import LARGE_DIFFERENT_LAYER_DECAY, SMALL_DIFFERENT_LAYER_DECAY, recommend_strategy
 
-from hf_tlmtl.training.cli import run_or_exit  # noqa: E402
-from hf_tlmtl.transfer import LARGE_DIFFERENT_LAYER_DECAY, SMALL_DIFFERENT_LAYER_DECAY, recommend_strategy  # noqa: E402
+# The study's data, sources and runs: the transfer_study package beside this file (run as a script, this
+# file's folder, benchmarks/, is the first entry of sys.path).
+from transfer_study import run as ts
 
 STRATEGY_ARGS: dict[str, dict[str, Any]] = {
     "feature_extraction": {"transfer_strategy": "feature_extraction", "cache_features": True},

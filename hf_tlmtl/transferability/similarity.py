@@ -24,7 +24,7 @@ from .scoring import _as_split, _resolve_tasks, score_transferability
 
 MEASURED_GAIN_THRESHOLD = 0.29
 """LogME gain over random init (nats per sample) at which a measured similarity is 0.5. Calibrated on the
-default run of ``recipes/transfer_study.py`` (``benchmarks/transfer_study/``): the midpoint of the gains that
+default run of the transfer study (``benchmarks/transfer_study/``): the midpoint of the gains that
 put all 12 (source, target, size) cases on the side of the rules that measured better. Only 2 of the 12
 favoured the "similar" side, so it is a coarse calibration."""
 

