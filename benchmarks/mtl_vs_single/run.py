@@ -1,6 +1,6 @@
 """Multi-task vs single-task: one shared backbone against one model per task, same budget.
 
-    python recipes/mtl_vs_single.py [recipes/configs/mtl_vs_single.yaml] [--key value ...]
+    python benchmarks/mtl_vs_single/run.py [benchmarks/mtl_vs_single/config.yaml] [--key value ...]
 
 On the embedded ``shapes`` dataset (offline), trains one multi-task model per balancing method
 in ``--balancing_methods`` and one single-task model per task, all from the same backbone
@@ -9,8 +9,8 @@ task the main metric (accuracy / mAP / MAE), ``delta_m`` of each multi-task mode
 single-task models (%, higher is better), parameters, training time and inference time (one
 shared backbone vs N backbones, median of ``--timing_repeats`` forwards of one eval batch).
 
-Writes ``results.json`` (every metric) and ``results.md`` (the table) into ``--output_dir``. One run's
-arguments and its training are :mod:`hf_tlmtl.training.experiment`'s.
+Writes ``results.json`` (every metric) and ``results.md`` (the table) into ``--output_dir``; the shipped
+runs are beside this file. One run's arguments and its training are :mod:`hf_tlmtl.training.experiment`'s.
 Bad input (unknown task or method, an existing result without ``--overwrite_output_dir true``)
 stops with exit code 2 and a one-line reason before anything is trained.
 """
