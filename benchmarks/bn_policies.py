@@ -1,11 +1,11 @@
 """BatchNorm policies side by side on a real pretrained source, for the four classic transfer cases.
 
-    python benchmarks/bn_policies.py [recipes/configs/transfer_study.yaml] [--key value ...]
+    python benchmarks/bn_policies.py [benchmarks/transfer_study/config.yaml] [--key value ...]
 
 The source is EfficientNet-Lite0 with ImageNet weights (``[study]`` extra); the targets are the transfer
 study's ``photos`` (similar to ImageNet) and ``digits`` (different), each at ``--small_size`` and
 ``--large_size`` training images: the four cases. Every variant below runs with the transfer study's
-shared settings (steps, batch, learning rate, image size; ``recipes/transfer_study.py``) over ``--seeds``:
+shared settings (steps, batch, learning rate, image size; ``benchmarks/transfer_study/``) over ``--seeds``:
 
 - ``feature_extraction`` (BatchNorm frozen with the backbone, the reference);
 - ``partial`` (``trainable_fraction=0.25``: the top layer group, 30 % of EfficientNet-Lite0),
@@ -25,18 +25,25 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-import transfer_study as ts  # noqa: E402 - the study's data, sources and runs
+from hf_tlmtl import transferability
+from hf_tlmtl.training.cli import YAML_SUFFIXES, UsageError, run_or_exit
+from hf_tlmtl.transfer import LARGE_DIFFERENT_LAYER_DECAY, SMALL_DIFFERENT_LAYER_DECAY, recommend_strategy
 
-from hf_tlmtl.training.cli import run_or_exit  # noqa: E402
-from hf_tlmtl.transfer import LARGE_DIFFERENT_LAYER_DECAY, SMALL_DIFFERENT_LAYER_DECAY, recommend_strategy  # noqa: E402
+# The study's data, sources, runs and verdicts: the transfer_study package beside this file (run as a script,
+# this file's folder, benchmarks/, is the first entry of sys.path).
+from transfer_study import stats
+from transfer_study.arguments import RECOMMENDED_CONTENDER, check_arguments, parse_arguments, training_arguments
+from transfer_study.inputs import attach_source_details, load_targets, on_disk, resolve_sources, training_subset, transfer_model
+from transfer_study.units import run_once
 
 STRATEGY_ARGS: dict[str, dict[str, Any]] = {
     "feature_extraction": {"transfer_strategy": "feature_extraction", "cache_features": True},
@@ -70,13 +77,13 @@ def variant_arguments(variant: str) -> dict[str, Any]:
     body, _, lr = variant.partition("@")
     name, _, bn = body.partition("/")
     if name not in STRATEGY_ARGS or bn not in ("train", "frozen", "recalibrate") or lr not in ("", "low"):
-        raise ts.UsageError(f"--bn_variants: unknown variant {variant!r}; use name/bn[@low] with name in {list(STRATEGY_ARGS)}")
+        raise UsageError(f"--bn_variants: unknown variant {variant!r}; use name/bn[@low] with name in {list(STRATEGY_ARGS)}")
     return {**STRATEGY_ARGS[name], **({} if name in ("feature_extraction", "lora") else {"bn": bn}), **(LOW_LR if lr else {})}
 
 
 def advised_variant(rec: Any) -> str:
     """The variant that carries out a ``Recommendation`` (strategy, BatchNorm policy, learning-rate scale)."""
-    name = ts.RECOMMENDED_CONTENDER[rec.strategy]
+    name = RECOMMENDED_CONTENDER[rec.strategy]
     if name == "feature_extraction":
         return "feature_extraction/frozen"
     low = getattr(rec, "learning_rate_scale", 1.0) < 1.0
@@ -95,10 +102,10 @@ def reference_model(results: dict[str, Any]) -> Any:
 
 def summarize(case: dict[str, Any], threshold: int, model: Any = None) -> None:
     for result in case["variants"].values():
-        result["mean"], result["std"] = ts._mean_std([r["metric"] for r in result["runs"]])
+        result["mean"], result["std"] = stats._mean_std([r["metric"] for r in result["runs"]])
     case["winner"] = max(case["variants"], key=lambda v: case["variants"][v]["mean"])
-    measurement = ts.transferability.SimilarityMeasurement(**case["measurement"])
-    measurement.similarity = ts.transferability.similarity_from_gain(measurement.gain)
+    measurement = transferability.SimilarityMeasurement(**case["measurement"])
+    measurement.similarity = transferability.similarity_from_gain(measurement.gain)
     declared = TARGETS.get(case["target"], "different")
     for key, similarity in (("advice", measurement), ("declared_advice", declared)):
         rec = recommend_strategy(case["n_train"], similarity, small_dataset_max_samples=threshold, model=model)
@@ -107,7 +114,7 @@ def summarize(case: dict[str, Any], threshold: int, model: Any = None) -> None:
 
 def _verdict(case: dict[str, Any], advised: str, rec: Any) -> dict[str, Any]:
     """The transfer study's verdict (agrees / within noise / disagrees / not measured) on this case's variants."""
-    verdict, gap = ts.verdict({"contenders": case["variants"], "winner": case["winner"]}, advised, lower_is_better=False)
+    verdict, gap = stats.verdict({"contenders": case["variants"], "winner": case["winner"]}, advised, lower_is_better=False)
     return {"variant": advised, "case": rec.case, "reason": rec.reason, "verdict": verdict,
             "gap": None if math.isnan(gap) else gap}
 
@@ -163,7 +170,7 @@ def write(results: dict[str, Any], results_dir: Path) -> str:
 def rerender(results_dir: Path) -> dict[str, Any]:
     path = results_dir / "results.json"
     if not path.is_file():
-        raise ts.UsageError(f"--rerender needs {path} from an earlier run")
+        raise UsageError(f"--rerender needs {path} from an earlier run")
     results = json.loads(path.read_text())
     model = reference_model(results)
     for case in results["cases"]:
@@ -186,16 +193,16 @@ def main(argv: list[str]) -> dict[str, Any]:
         variant_arguments(v)
     defaults = ["--sources", "imagenet", "--targets", ",".join(TARGETS), "--results_dir", "benchmarks/bn_policies",
                 "--output_dir", "outputs/bn_policies"]
-    study, training_argv, output_dir, _ = ts.parse_arguments(rest[:1] + defaults + rest[1:] if rest[:1] and rest[0].endswith(ts.YAML_SUFFIXES) else defaults + rest)
+    study, training_argv, output_dir, _ = parse_arguments(rest[:1] + defaults + rest[1:] if rest[:1] and rest[0].endswith(YAML_SUFFIXES) else defaults + rest)
     study.contenders = "feature_extraction"  # checked by the study; the variants are this script's
-    _, seeds, threshold, results_dir = ts.check_arguments(study, output_dir)
+    _, seeds, threshold, results_dir = check_arguments(study, output_dir)
     if study.num_threads:
         torch.set_num_threads(study.num_threads)
     started = time.perf_counter()
     cache: dict[str, Any] = {}
-    targets = ts.load_targets(study, output_dir, cache)
-    (source,) = ts.resolve_sources(study, training_argv, output_dir, cache)
-    ts.attach_source_details(study, source, targets[0].task)
+    targets = load_targets(study, output_dir, cache)
+    (source,) = resolve_sources(study, training_argv, output_dir, cache)
+    attach_source_details(study, source, targets[0].task)
     cases = []
     for target in targets:
         for size, n_train, steps in (("small", study.small_size, study.small_steps), ("large", study.large_size, study.large_steps)):
@@ -205,25 +212,25 @@ def main(argv: list[str]) -> dict[str, Any]:
             case: dict[str, Any] = {"label": label, "target": target.name, "size": size, "n_train": n_train, "steps": steps,
                                     "variants": {v: {"runs": []} for v in variants}}
             for seed in seeds:
-                train = ts.training_subset(target.train, target.task, n_train, seed)
-                train = ts.on_disk(train, output_dir / "data" / target.name / f"{size}-seed{seed}")
+                train = training_subset(target.train, target.task, n_train, seed)
+                train = on_disk(train, output_dir / "data" / target.name / f"{size}-seed{seed}")
                 if "measurement" not in case:
-                    measurement = ts.transferability.measure_similarity(
-                        ts.transfer_model(study, source, target.task), train, [target.task],
+                    measurement = transferability.measure_similarity(
+                        transfer_model(study, source, target.task), train, [target.task],
                         cache_dir=str(output_dir / "features"), image_column=study.image_column,
                     )
-                    case["measurement"] = ts.asdict(measurement)
+                    case["measurement"] = asdict(measurement)
                 for variant in variants:
                     print(f"== {label}, seed {seed}: {variant}", flush=True)
                     name = variant.partition("/")[0]
-                    run = ts.run_once(study, name, source, target, train, steps, seed, training_argv,
-                                      output_dir / "runs" / target.name / size / variant.replace("/", "-") / f"seed{seed}",
-                                      contender_args=variant_arguments(variant))
+                    run = run_once(study, name, source, target, train, steps, seed, training_argv,
+                                   output_dir / "runs" / target.name / size / variant.replace("/", "-") / f"seed{seed}",
+                                   contender_args=variant_arguments(variant))
                     if not math.isfinite(run["metric"]):
                         raise RuntimeError(f"{label} {variant} seed {seed}: non-finite metric")
                     case["variants"][variant]["runs"].append(run)
             cases.append(case)
-    first = ts.training_arguments(training_argv, output_dir / "runs", seeds[0], 1, "scratch", study)
+    first = training_arguments(training_argv, output_dir / "runs", seeds[0], 1, "scratch", study)
     results = {
         "seeds": seeds,
         "variants": variants,
@@ -232,10 +239,10 @@ def main(argv: list[str]) -> dict[str, Any]:
                     f"{first.per_device_train_batch_size}, AdamW lr {first.learning_rate:g}, {study.small_size} / "
                     f"{study.large_size} training images, {targets[0].validation.num_rows} / {targets[-1].validation.num_rows} "
                     "validation images"),
-        "study": ts.asdict(study),
+        "study": asdict(study),
         "training_argv": training_argv,
         "cases": cases,
-        "environment": {"cpu_count": ts.os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "environment": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
     }
     results["architecture"] = source.architecture[0]
     model = reference_model(results)

@@ -24,7 +24,6 @@ import platform
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader

@@ -46,10 +46,7 @@ from hf_tlmtl.data.embedded import load_embedded_dataset
 from hf_tlmtl.multitask.metrics import LOWER_IS_BETTER, MAIN_METRIC, delta_m
 from hf_tlmtl.data import infer_tasks
 from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
-
-# The training and evaluation of one (multi-)task model is mtl_vs_single's, reused as it is.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mtl_vs_single import train_and_evaluate, training_arguments  # noqa: E402
+from hf_tlmtl.training.experiment import train_and_evaluate, training_arguments
 
 RESERVED = {
     "max_steps": "--max_steps is set per group from --total_steps (and --affinity_steps for the affinity run)",
@@ -168,7 +165,7 @@ def run_seed(
         steps = group_steps(experiment.total_steps, len(group), len(tasks))
         print(f"== seed {seed}: {'+'.join(group)} ({steps} steps)", flush=True)
         args = training_arguments(seed_argv + ["--max_steps", str(steps)], out / "_".join(group), "static")
-        run = train_and_evaluate(experiment, [by_name[n] for n in group], data, args)
+        run = train_and_evaluate(experiment.backbone, [by_name[n] for n in group], data, args, image_size=experiment.image_size)
         run.pop("model")
         trained["+".join(group)] = {"steps": steps, **run}
     baselines = {t.name: trained[t.name]["metrics"][f"{t.name}_{MAIN_METRIC[t.type]}"] for t in tasks}

@@ -1,4 +1,5 @@
-"""Shared helpers of the recipe tests (tests/test_recipe_*.py, test_predict.py, test_mtl_vs_single.py, test_transfer_study.py).
+"""Shared helpers of the recipe tests (tests/test_recipe_*.py, test_predict.py, test_task_groups.py) and of the
+experiments' tests (test_mtl_vs_single.py, test_transfer_study.py: their code lives under benchmarks/).
 
 The recipes run for real, in a subprocess, the way a user runs them: ``python recipes/finetune.py``
 or ``accelerate launch recipes/finetune.py``, on timm's ``test_resnet`` (random init) and tiny
@@ -23,6 +24,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE = REPO / "recipes" / "finetune.py"
 PREDICT = REPO / "recipes" / "predict.py"
+BENCHMARKS = REPO / "benchmarks"
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 
 # A run of a few seconds: test_resnet at 32 px, tens of rows, one epoch, no checkpoints.
@@ -185,13 +187,24 @@ def write_image_table(root: Path, rows: int = 24, size: int = 32, seed: int = 0)
     return root, records
 
 
-def load_recipe(name: str) -> ModuleType:
-    """``recipes/<name>.py`` imported as a module (registered in ``sys.modules``: its dataclasses need that)."""
-    spec = importlib.util.spec_from_file_location(f"hf_tlmtl_recipe_{name}", REPO / "recipes" / f"{name}.py")
+def load_script(path: Path, name: str) -> ModuleType:
+    """The file ``path`` imported as module ``name`` (registered in ``sys.modules``: its dataclasses need that)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_recipe(name: str) -> ModuleType:
+    """``recipes/<name>.py`` imported as a module (registered in ``sys.modules``: its dataclasses need that)."""
+    return load_script(REPO / "recipes" / f"{name}.py", f"hf_tlmtl_recipe_{name}")
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>/run.py``, an experiment's entry point, imported from its path as a module of another
+    name (``hf_tlmtl_benchmark_<name>``), the way :func:`load_recipe` imports a recipe."""
+    return load_script(BENCHMARKS / name / "run.py", f"hf_tlmtl_benchmark_{name}")
 
 
 def write_csv(path: Path, records: Sequence[dict], columns: Sequence[str] = ("path", "kind", "brightness", "id")) -> Path:

@@ -1,4 +1,4 @@
-"""The multi-task vs single-task experiment recipe, in miniature (real Trainer, real embedded data)."""
+"""The multi-task vs single-task experiment (benchmarks/mtl_vs_single), in miniature (real Trainer, real embedded data)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import math
 
 import pytest
 
-from recipe_utils import load_recipe
+from recipe_utils import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def recipe():
-    return load_recipe("mtl_vs_single")
+    return load_benchmark("mtl_vs_single")
 
 
 def test_miniature_run_reports_every_setup_and_task(recipe, tmp_path):

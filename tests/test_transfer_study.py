@@ -1,5 +1,6 @@
-"""The transfer study recipe, in miniature: real source training, real Trainer runs on real embedded data,
-transferability scores before training, every case x contender in the table, tau, the JSON and the plots."""
+"""The transfer study (benchmarks/transfer_study), in miniature: real source training, real Trainer runs on real
+embedded data, transferability scores before training, every case x contender in the table, tau, the JSON and
+the plots."""
 
 from __future__ import annotations
 
@@ -14,16 +15,16 @@ import pytest
 
 from hf_tlmtl.transfer import recommend_strategy
 from hf_tlmtl.transferability import SimilarityMeasurement
-from recipe_utils import REPO, load_recipe, recipe_env
+from recipe_utils import BENCHMARKS, REPO, load_benchmark, recipe_env
 
-CONFIG = REPO / "recipes" / "configs" / "transfer_study.yaml"
+CONFIG = BENCHMARKS / "transfer_study" / "config.yaml"
 CONTENDERS = ["scratch", "feature_extraction", "partial", "truncate", "fine_tune_llrd", "lora"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def recipe():
-    return load_recipe("transfer_study")
+    return load_benchmark("transfer_study")
 
 
 def miniature(out: Path, *extra: str) -> list[str]:
@@ -130,7 +131,7 @@ def test_two_worker_processes_give_the_single_process_results(study, tmp_path):
     parallel = tmp_path / "parallel"
     shutil.copytree(out / "source", parallel / "source")  # the same source network, reused
     run = subprocess.run(
-        [sys.executable, str(REPO / "recipes" / "transfer_study.py"), *miniature(parallel, "--workers", "2")],
+        [sys.executable, str(BENCHMARKS / "transfer_study" / "run.py"), *miniature(parallel, "--workers", "2")],
         cwd=REPO, env=recipe_env(tmp_path), capture_output=True, text=True, timeout=900,
     )
     assert run.returncode == 0, run.stderr[-3000:]

@@ -6,6 +6,8 @@
 - :mod:`~hf_tlmtl.training.distributed`: FSDP2 on CPU, what sharding refuses, gathering the full model.
 - :mod:`~hf_tlmtl.training.run_folder` and :mod:`~hf_tlmtl.training.cli`: what the recipes share: an output
   folder set aside and restored, YAML + command-line parsing with clear errors.
+- :mod:`~hf_tlmtl.training.experiment`: what the experiments that compare training setups share: one run's
+  arguments, one model trained and evaluated.
 
 Example:
     >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel

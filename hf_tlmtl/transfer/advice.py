@@ -147,7 +147,7 @@ def recommend_strategy(
     when ``>= similarity_threshold``; ``"measured"`` measures it (below). Size and similarity give the
     case (Yosinski et al. 2014; CS231n "Transfer Learning"); ``rules`` the advice for it.
 
-    ``rules="study"`` (default): what ``benchmarks/bn_policies.py`` and ``recipes/transfer_study.py`` measured
+    ``rules="study"`` (default): what ``benchmarks/bn_policies.py`` and ``benchmarks/transfer_study/`` measured
     with real sources (ImageNet EfficientNet-Lite0; a digits-trained ResNet), :data:`STUDY_RULES`:
 
     ====  ===============  ===============================================================
@@ -252,7 +252,7 @@ def _study_case(small: bool, similar: bool, size: str, sim: str, model: nn.Modul
     return Recommendation(
         "truncate", None, _default_truncate_stage(model), case,
         f"Case {case}, {_case_label(small, similar)}: {size}, {sim}. Measured with real sources (benchmarks/bn_policies, "
-        f"recipes/transfer_study): drop the top stage, fine-tune the rest with layer decay {advice['layer_decay']}, "
+        f"benchmarks/transfer_study): drop the top stage, fine-tune the rest with layer decay {advice['layer_decay']}, "
         f"BatchNorm {advice['bn']}{lr}. {advice['why']}",
         layer_decay=advice["layer_decay"], bn=advice["bn"], learning_rate_scale=advice["learning_rate_scale"],
     )

@@ -24,7 +24,7 @@ from .scoring import _as_split, _resolve_tasks, score_transferability
 
 MEASURED_GAIN_THRESHOLD = 0.29
 """LogME gain over random init (nats per sample) at which a measured similarity is 0.5. Calibrated on the
-default run of ``recipes/transfer_study.py`` (``benchmarks/transfer_study/``): the midpoint of the gains that
+default run of the transfer study (``benchmarks/transfer_study/``): the midpoint of the gains that
 put all 12 (source, target, size) cases on the side of the rules that measured better. Only 2 of the 12
 favoured the "similar" side, so it is a coarse calibration."""
 
@@ -83,7 +83,18 @@ def similarity_from_gain(gain: float) -> float:
     return float(1.0 / (1.0 + math.exp(-max(min(z, 50.0), -50.0))))
 
 
-def _random_init_copy(model: nn.Module, seed: int) -> nn.Module:
+def random_init_copy(model: nn.Module, seed: int) -> nn.Module:
+    """A fresh ``model`` of the same config with seeded random weights, in eval mode (the caller's random state kept).
+
+    The baseline a source's features are measured against (:func:`measure_similarity`, the transfer study).
+
+    Example:
+        >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+        >>> m = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
+        >>> a, b = random_init_copy(m, seed=1), random_init_copy(m, seed=1)
+        >>> bool((a.backbone.conv1.weight == b.backbone.conv1.weight).all()), a.training
+        (True, False)
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return TimmMultiTaskModel(copy.deepcopy(model.config)).to(next(model.parameters()).device).eval()
@@ -136,7 +147,7 @@ def measure_similarity(
         return score_transferability(candidate, split, task_specs, method, batch_size, cache_dir, image_column)
 
     source = score(base)
-    random = score(_random_init_copy(base, seed))
+    random = score(random_init_copy(base, seed))
     truncated_model = _truncated_copy(base)
     truncated = score(truncated_model) if truncated_model is not None else None
     source_mean, random_mean = float(np.mean(list(source.values()))), float(np.mean(list(random.values())))

@@ -1,6 +1,6 @@
 """Multi-task vs single-task: one shared backbone against one model per task, same budget.
 
-    python recipes/mtl_vs_single.py [recipes/configs/mtl_vs_single.yaml] [--key value ...]
+    python benchmarks/mtl_vs_single/run.py [benchmarks/mtl_vs_single/config.yaml] [--key value ...]
 
 On the embedded ``shapes`` dataset (offline), trains one multi-task model per balancing method
 in ``--balancing_methods`` and one single-task model per task, all from the same backbone
@@ -9,7 +9,8 @@ task the main metric (accuracy / mAP / MAE), ``delta_m`` of each multi-task mode
 single-task models (%, higher is better), parameters, training time and inference time (one
 shared backbone vs N backbones, median of ``--timing_repeats`` forwards of one eval batch).
 
-Writes ``results.json`` (every metric) and ``results.md`` (the table) into ``--output_dir``.
+Writes ``results.json`` (every metric) and ``results.md`` (the table) into ``--output_dir``; the shipped
+runs are beside this file. One run's arguments and its training are :mod:`hf_tlmtl.training.experiment`'s.
 Bad input (unknown task or method, an existing result without ``--overwrite_output_dir true``)
 stops with exit code 2 and a one-line reason before anything is trained.
 """
@@ -25,16 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import set_seed
 
-from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+from hf_tlmtl import TaskSpec
 from hf_tlmtl.multitask.balancing import BALANCERS
-from hf_tlmtl.training.cli import UsageError, build_parser, parse_experiment_argv, run_or_exit
-from hf_tlmtl.data import MultiTaskCollator, prepare_dataset
+from hf_tlmtl.training.cli import UsageError, parse_experiment_argv, run_or_exit
+from hf_tlmtl.data import prepare_dataset
 from hf_tlmtl.data.embedded import SHAPES_FEATURES, load_embedded_dataset
 from hf_tlmtl.multitask.metrics import LOWER_IS_BETTER, MAIN_METRIC, delta_m
 from hf_tlmtl.data import infer_tasks
-from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
+from hf_tlmtl.training import MultiTaskTrainingArguments
+from hf_tlmtl.training.experiment import train_and_evaluate, training_arguments
 
 
 @dataclass
@@ -64,13 +65,6 @@ def parse_arguments(argv: list[str]) -> tuple[ExperimentArguments, list[str], Pa
     return experiment, training_argv, output_dir
 
 
-def training_arguments(training_argv: list[str], output_dir: Path, method: str) -> MultiTaskTrainingArguments:
-    (args,) = build_parser(MultiTaskTrainingArguments).parse_args_into_dataclasses(
-        args=training_argv + ["--output_dir", str(output_dir), "--loss_balancing", method, "--save_strategy", "no"]
-    )
-    return args
-
-
 def check_arguments(experiment: ExperimentArguments, output_dir: Path, columns: list[str]) -> tuple[list[str], list[str]]:
     task_names = [t.strip() for t in experiment.tasks.split(",") if t.strip()]
     methods = [m.strip() for m in experiment.balancing_methods.split(",") if m.strip()]
@@ -83,30 +77,6 @@ def check_arguments(experiment: ExperimentArguments, output_dir: Path, columns: 
     if (output_dir / "results.json").exists() and not experiment.overwrite_output_dir:
         raise UsageError(f"{output_dir}/results.json exists; pass --overwrite_output_dir true to replace it")
     return task_names, methods
-
-
-def train_and_evaluate(
-    experiment: ExperimentArguments, tasks: list[TaskSpec], data: Any, args: MultiTaskTrainingArguments
-) -> dict[str, Any]:
-    set_seed(args.seed)
-    model = TimmMultiTaskModel.from_backbone(experiment.backbone, tasks, image_size=experiment.image_size)
-    columns = ["image"] + [t.source_column for t in tasks]
-    trainer = MultiTaskTrainer(
-        model=model,
-        args=args,
-        # Deterministic transform: crops, flips and colour jitter would change the scale / colour labels.
-        train_dataset=prepare_dataset(data["train"].select_columns(columns), model.config, train=False),
-        eval_dataset=prepare_dataset(data["validation"].select_columns(columns), model.config, train=False),
-        data_collator=MultiTaskCollator(tasks),
-    )
-    train_output = trainer.train()
-    metrics = {k.removeprefix("eval_"): v for k, v in trainer.evaluate().items()}
-    return {
-        "model": model.eval(),
-        "metrics": metrics,
-        "params": sum(p.numel() for p in model.parameters()),
-        "train_seconds": train_output.metrics["train_runtime"],
-    }
 
 
 @torch.no_grad()
@@ -158,13 +128,13 @@ def main(argv: list[str]) -> dict[str, Any]:
     for task in tasks:
         print(f"== single-task: {task.name}", flush=True)
         args = training_arguments(training_argv, output_dir / f"single_{task.name}", "static")
-        single[task.name] = train_and_evaluate(experiment, [task], data, args)
+        single[task.name] = train_and_evaluate(experiment.backbone, [task], data, args, image_size=experiment.image_size)
     baselines = {t.name: single[t.name]["metrics"][f"{t.name}_{MAIN_METRIC[t.type]}"] for t in tasks}
     multi = {}
     for method in methods:
         print(f"== multi-task: {method}", flush=True)
         args = training_arguments(training_argv, output_dir / f"multi_{method}", method)
-        multi[method] = train_and_evaluate(experiment, tasks, data, args)
+        multi[method] = train_and_evaluate(experiment.backbone, tasks, data, args, image_size=experiment.image_size)
         multi[method]["delta_m"] = delta_m(multi[method]["metrics"], baselines, tasks)
 
     eval_rows = data["validation"].select(range(min(experiment.inference_batch_size, data["validation"].num_rows)))
