@@ -102,7 +102,7 @@ def reference_model(results: dict[str, Any]) -> Any:
 
 def summarize(case: dict[str, Any], threshold: int, model: Any = None) -> None:
     for result in case["variants"].values():
-        result["mean"], result["std"] = stats._mean_std([r["metric"] for r in result["runs"]])
+        result["mean"], result["std"] = stats.mean_std([r["metric"] for r in result["runs"]])
     case["winner"] = max(case["variants"], key=lambda v: case["variants"][v]["mean"])
     measurement = transferability.SimilarityMeasurement(**case["measurement"])
     measurement.similarity = transferability.similarity_from_gain(measurement.gain)

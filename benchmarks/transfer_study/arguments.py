@@ -184,22 +184,23 @@ def training_arguments(
     return args
 
 
-def _names(text: str) -> list[str]:
+def split_names(text: str) -> list[str]:
+    """The non-empty names of a comma-separated list."""
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def check_arguments(study: StudyArguments, output_dir: Path) -> tuple[list[str], list[int], int, Path]:
     """Contenders, seeds, the small/large threshold and the results folder; ``UsageError`` on bad input.
     (Whether ``--workers`` processes can import the study is ``run.py``'s check, beside its worker pool.)"""
-    contenders = _names(study.contenders)
+    contenders = split_names(study.contenders)
     unknown = sorted(set(contenders) - set(CONTENDERS))
     if unknown or not contenders:
         raise UsageError(f"--contenders: unknown {unknown}; valid: {list(CONTENDERS)}")
     contenders = [c for c in CONTENDERS if c in contenders]
-    unknown_targets = sorted(set(_names(study.targets)) - set(TARGETS))
-    if unknown_targets or not _names(study.targets):
+    unknown_targets = sorted(set(split_names(study.targets)) - set(TARGETS))
+    if unknown_targets or not split_names(study.targets):
         raise UsageError(f"--targets: unknown {unknown_targets}; valid: {list(TARGETS)}")
-    sources = _names(study.sources)
+    sources = split_names(study.sources)
     if not sources or len(set(sources)) != len(sources):
         raise UsageError(f"--sources needs one or more distinct sources, got {study.sources!r}")
     if "lora" in contenders:
@@ -208,7 +209,7 @@ def check_arguments(study: StudyArguments, output_dir: Path) -> tuple[list[str],
         except ImportError as e:
             raise UsageError(f"contender 'lora' needs hf_tlmtl.adapters.apply_lora, not available here ({e}); drop it from --contenders")
     try:
-        seeds = [int(s) for s in _names(study.seeds)]
+        seeds = [int(s) for s in split_names(study.seeds)]
     except ValueError:
         raise UsageError(f"--seeds takes comma-separated integers, got {study.seeds!r}") from None
     if not seeds or len(set(seeds)) != len(seeds):

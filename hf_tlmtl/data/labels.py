@@ -134,7 +134,8 @@ def plan_label_columns(
     return plan
 
 
-def _float_row(value: Any, width: int, task: TaskSpec) -> list[float]:
+def float_row(value: Any, width: int, task: TaskSpec) -> list[float]:
+    """One regression / multilabel target as ``width`` floats (``NaN`` for a missing label)."""
     if value is None:
         return [math.nan] * width
     if isinstance(value, torch.Tensor):
@@ -165,6 +166,6 @@ def encode_labels(label: LabelColumn, values: list[Any]) -> torch.Tensor:
         return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
     if label.kind == "indices":
         return torch.tensor([_multi_hot(v, task) for v in values], dtype=torch.float32).reshape(-1, task.num_outputs)
-    return torch.tensor([_float_row(v, task.num_outputs, task) for v in values], dtype=torch.float32).reshape(
+    return torch.tensor([float_row(v, task.num_outputs, task) for v in values], dtype=torch.float32).reshape(
         -1, task.num_outputs
     )

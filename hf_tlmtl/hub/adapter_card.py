@@ -75,7 +75,7 @@ def _base_tasks(base_model: str, peft_model: Any | None) -> list[TaskSpec]:
         return []  # base model not available locally: the card then omits the tasks table
 
 
-def _can_replace_card(path: Path) -> bool:
+def can_replace_card(path: Path) -> bool:
     """Only a missing card or peft's untouched default card may be replaced without ``overwrite=True``."""
     return not path.exists() or _DEFAULT_CARD_HEADING in path.read_text(encoding="utf-8")
 
@@ -131,7 +131,7 @@ def create_adapter_card(
             f"The adapter at {where} does not record its base model (base_model_name_or_path is null): pass "
             "base_model='org/name' (the Hub id or local path of the hf_tlmtl model it was trained on)."
         )
-    if folder is not None and save and not overwrite and not _can_replace_card(folder / CARD_NAME):
+    if folder is not None and save and not overwrite and not can_replace_card(folder / CARD_NAME):
         raise ValueError(f"{folder / CARD_NAME} already exists; pass overwrite=True to replace it (or save=False).")
     is_local_base = os.path.exists(base_model)
     if not is_local_base:

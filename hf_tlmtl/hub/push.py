@@ -23,7 +23,7 @@ from ..backbone.create import is_network_error
 from ..configuration import TimmMultiTaskConfig
 from ..image_processing import TimmMultiTaskImageProcessor
 from ..modeling import TimmMultiTaskModel
-from .adapter_card import _can_replace_card, create_adapter_card
+from .adapter_card import can_replace_card, create_adapter_card
 from .cards import (
     ADAPTER_CONFIG_NAME,
     CARD_NAME,
@@ -196,7 +196,7 @@ def push_model_to_hub(
     ignore = [*DEFAULT_IGNORE_PATTERNS, *(ignore_patterns or [])]
     operations = _folder_operations(folder, "", ignore)
     for name, adapter_folder in adapter_folders:
-        if _can_replace_card(adapter_folder / CARD_NAME):
+        if can_replace_card(adapter_folder / CARD_NAME):
             create_adapter_card(
                 adapter_folder, base_model=repo_id, repo_id=repo_id, subfolder=f"adapters/{name}",
                 tasks=TimmMultiTaskConfig.from_pretrained(folder).task_specs,

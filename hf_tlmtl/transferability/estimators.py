@@ -27,7 +27,8 @@ class LogMEFit:
     beta: float
 
 
-def _as_float64(features: Any) -> np.ndarray:
+def as_float64(features: Any) -> np.ndarray:
+    """``features`` (tensor or array) as a 2-D float64 numpy array; ``ValueError`` for any other shape."""
     array = np.asarray(features.detach().cpu() if isinstance(features, torch.Tensor) else features, dtype=np.float64)
     if array.ndim != 2:
         raise ValueError(f"features must be a 2-D array (rows, dimensions), got shape {array.shape}.")
@@ -51,7 +52,7 @@ def logme_evidence(features: Any, targets: Any) -> list[LogMEFit]:
         >>> fit.beta > 1e3  # the targets are an exact linear function of the features: almost no noise
         True
     """
-    f = _as_float64(features)
+    f = as_float64(features)
     y = np.asarray(targets, dtype=np.float64)
     y = y.reshape(len(y), -1)
     if len(y) != len(f):
@@ -143,7 +144,7 @@ def h_score(features: Any, labels: Any) -> float:
         True
     """
 
-    f = _as_float64(features)
+    f = as_float64(features)
     y = _class_indices(labels)
     f = f - f.mean(axis=0)
     covariance, _ = ledoit_wolf(f, assume_centered=True)
@@ -165,7 +166,7 @@ def leep(source_probabilities: Any, labels: Any) -> float:
         >>> leep(sharp, y) > leep(np.full((4, 2), 0.5), y)
         True
     """
-    theta = _as_float64(source_probabilities)
+    theta = as_float64(source_probabilities)
     if (theta < 0).any() or not np.allclose(theta.sum(axis=1), 1.0, atol=1e-4):
         raise ValueError("leep needs source class probabilities (non-negative rows summing to 1): apply softmax first.")
     y = _class_indices(labels)

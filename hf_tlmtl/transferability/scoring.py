@@ -23,7 +23,7 @@ from ..data.labels import encode_labels, plan_label_columns
 from ..data.task_columns import infer_tasks
 from ..modeling import TimmMultiTaskModel
 from ..tasks import IGNORE_INDEX, TaskSpec, normalize_tasks
-from .estimators import _as_float64, h_score, leep, logme
+from .estimators import as_float64, h_score, leep, logme
 
 METHODS: tuple[str, ...] = ("logme", "h_score", "leep")
 """Valid values of ``method``."""
@@ -79,9 +79,9 @@ def score_features(
         >>> list(scores), scores["odd"] > 0
         (['odd'], True)
     """
-    _check_method(method, tasks, has_source_classifier=source_probabilities is not None)
-    f = _as_float64(features)
-    theta = None if source_probabilities is None else _as_float64(source_probabilities)
+    check_method(method, tasks, has_source_classifier=source_probabilities is not None)
+    f = as_float64(features)
+    theta = None if source_probabilities is None else as_float64(source_probabilities)
     scores = {}
     for task in normalize_tasks(tasks):
         per_problem = []
@@ -116,7 +116,8 @@ def check_labels(dataset: Dataset, tasks: Sequence[TaskSpec]) -> None:
             _check_rows(what, plan.task, rows, values)
 
 
-def _check_method(method: str, tasks: Sequence[TaskSpec], has_source_classifier: bool) -> None:
+def check_method(method: str, tasks: Sequence[TaskSpec], has_source_classifier: bool) -> None:
+    """``ValueError`` for an unknown estimator, or one that cannot score these tasks with this source."""
     if method not in METHODS:
         raise ValueError(f"Unknown transferability method {method!r}; valid methods: {list(METHODS)}.")
     if method in ("h_score", "leep"):
@@ -135,7 +136,8 @@ def _check_method(method: str, tasks: Sequence[TaskSpec], has_source_classifier:
 
 
 # ------------------------------------------------------------------------------ on a model
-def _as_split(dataset: Any) -> Dataset:
+def as_split(dataset: Any) -> Dataset:
+    """The ``train`` split of a ``DatasetDict``, or the ``Dataset`` itself; ``ValueError`` for anything else."""
     if isinstance(dataset, DatasetDict):
         if "train" not in dataset:
             raise ValueError(f"Pass a split (datasets.Dataset) or a DatasetDict with a 'train' split; got splits {list(dataset)}.")
@@ -145,7 +147,7 @@ def _as_split(dataset: Any) -> Dataset:
     return dataset
 
 
-def _resolve_tasks(dataset: Dataset, tasks: Sequence[TaskSpec | dict[str, Any]] | str | None, image_column: str) -> list[TaskSpec]:
+def resolve_task_specs(dataset: Dataset, tasks: Sequence[TaskSpec | dict[str, Any]] | str | None, image_column: str) -> list[TaskSpec]:
     """Stated tasks, or tasks inferred from the columns (all typed label columns, or the ones named in ``"a,b"``)."""
     if tasks is None or isinstance(tasks, str):
         names = None if tasks is None else [n.strip() for n in tasks.split(",") if n.strip()]
@@ -291,9 +293,9 @@ def score_transferability(
         >>> sorted(scores)
         ['digit']
     """
-    split = _as_split(dataset)
-    task_specs = _resolve_tasks(split, tasks, image_column)
-    _check_method(method, task_specs, has_source_classifier=True)  # the classifier itself is checked once loaded
+    split = as_split(dataset)
+    task_specs = resolve_task_specs(split, tasks, image_column)
+    check_method(method, task_specs, has_source_classifier=True)  # the classifier itself is checked once loaded
     check_labels(split, task_specs)
     if isinstance(model, str):
         model = load_source(model, task_specs, image_size=image_size, keep_classifier=method == "leep" and source_task is None)
@@ -301,7 +303,7 @@ def score_transferability(
     probabilities = None
     if method == "leep":
         classifier = _source_classifier(model, source_task)
-        _check_method(method, task_specs, has_source_classifier=classifier is not None)
+        check_method(method, task_specs, has_source_classifier=classifier is not None)
         with torch.no_grad():
             probabilities = classifier(features.to(next(model.parameters()).dtype)).float()
     return score_features(features, labels, task_specs, method, probabilities)

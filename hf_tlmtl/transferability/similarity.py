@@ -20,7 +20,7 @@ from torch import nn
 from ..backbone.unwrap import unwrap
 from ..modeling import TimmMultiTaskModel
 from ..tasks import TaskSpec
-from .scoring import _as_split, _resolve_tasks, score_transferability
+from .scoring import as_split, resolve_task_specs, score_transferability
 
 MEASURED_GAIN_THRESHOLD = 0.29
 """LogME gain over random init (nats per sample) at which a measured similarity is 0.5. Calibrated on the
@@ -138,8 +138,8 @@ def measure_similarity(
         (True, True)
     """
     base = unwrap(model)
-    split = _as_split(dataset)
-    task_specs = _resolve_tasks(split, tasks, image_column)
+    split = as_split(dataset)
+    task_specs = resolve_task_specs(split, tasks, image_column)
     if method == "leep":
         raise ValueError("measure_similarity compares against random features, which have no source classifier: use 'logme' or 'h_score'.")
 
