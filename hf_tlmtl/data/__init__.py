@@ -2,6 +2,7 @@
 
 - :mod:`~hf_tlmtl.data.sources`, :mod:`~hf_tlmtl.data.streaming`, :mod:`~hf_tlmtl.data.embedded`: image folders, tables,
   Hub datasets, streams and the code-generated / bundled sets; tasks inferred from their columns.
+  :mod:`~hf_tlmtl.data.splits`: a run's train and validation splits and tasks, from any of them.
 - :mod:`~hf_tlmtl.data.labels`: label columns checked against the tasks and encoded as targets;
   :mod:`~hf_tlmtl.data.partial_labels`: datasets that label different tasks, concatenated.
 - :mod:`~hf_tlmtl.data.transforms` (timm's), :mod:`~hf_tlmtl.data.preparation` (the lazy batch transform),
@@ -34,7 +35,7 @@ Example:
     True
 """
 
-from .collator import MultiTaskCollator
+from .collator import MultiTaskCollator, check_first_batch
 from .embedded import EMBEDDED_DATASETS, load_embedded_dataset
 from .feature_cache import FEATURES_COLUMN, backbone_fingerprint, cache_features
 from .labels import encode_labels, plan_label_columns
@@ -54,6 +55,7 @@ from .sources import (
     load_table,
     resolve_tasks,
 )
+from .splits import load_splits
 from .streaming import load_streaming_dataset, read_per_process
 from .transforms import DEFAULT_TRAIN_SCALE, build_transforms
 
@@ -67,6 +69,7 @@ __all__ = [
     "backbone_fingerprint",
     "build_transforms",
     "cache_features",
+    "check_first_batch",
     "check_image_column",
     "check_worker_picklable",
     "concatenate_partially_labelled",
@@ -75,6 +78,7 @@ __all__ = [
     "infer_tasks",
     "load_embedded_dataset",
     "load_image_dataset",
+    "load_splits",
     "load_streaming_dataset",
     "load_table",
     "missing_label_value",
