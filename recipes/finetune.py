@@ -147,7 +147,7 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, RunArguments, MultiTaskTraini
 
 @dataclass
 class Run:
-    """What :func:`setup` built, for :func:`train_and_save`: the arguments, the data, the model, its trainer, the plan."""
+    """What :func:`setup` built, handed to :func:`train_and_save` (tests look at it before training)."""
 
     model_args: ModelArguments
     data_args: DataArguments
