@@ -12,6 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from hf_tlmtl.training.cli import parse_run_argv
 from recipe_utils import FINETUNE, REPO, TINY, check_ok, load_recipe, run_finetune, summary, write_csv, write_image_table
 
 CONFIGS = REPO / "recipes" / "configs"
@@ -145,8 +146,8 @@ def test_init_from_saved_model_with_transfer_local_config(trained, tmp_path):
 def test_yaml_list_and_bool_values_parse_like_the_command_line(recipe, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("tasks: [shape, scale]\naugment: false\nnum_train_epochs: 2\noutput_dir: x\n")
-    model_args, data_args, run_args, training_args = recipe.parse_arguments(
-        [str(config), "--num_train_epochs", "3", "--augment", "true"]
+    model_args, data_args, run_args, training_args = parse_run_argv(
+        [str(config), "--num_train_epochs", "3", "--augment", "true"], *recipe.ARGUMENT_CLASSES
     )
     assert data_args.tasks == '["shape", "scale"]'
     assert data_args.augment is True and training_args.num_train_epochs == 3
@@ -155,7 +156,7 @@ def test_yaml_list_and_bool_values_parse_like_the_command_line(recipe, tmp_path)
 
 @pytest.mark.parametrize("name", ["default.yaml", "transfer_hub.yaml", "transfer_local.yaml"])
 def test_shipped_configs_parse(recipe, name):
-    model_args, data_args, run_args, training_args = recipe.parse_arguments([str(CONFIGS / name)])
+    model_args, data_args, run_args, training_args = parse_run_argv([str(CONFIGS / name)], *recipe.ARGUMENT_CLASSES)
     assert training_args.output_dir.startswith("outputs/")
     if name == "transfer_hub.yaml":
         assert model_args.backbone.startswith("hf-hub:timm/") and model_args.pretrained

@@ -15,6 +15,6 @@ def test_measured_similarity_gives_advice_that_names_its_scores(tmp_path, monkey
     rec = run.recommendation
     assert rec.measurement is not None and rec.measurement.method == "logme"
     assert 0.0 < rec.measurement.similarity < 1.0 and math.isfinite(rec.measurement.gain)
-    plan = recipe.describe_plan(run)
+    plan = run.plan
     assert f"source {rec.measurement.source_score:.3f} vs random init {rec.measurement.random_score:.3f}" in plan
     assert f"Case {rec.case}" in plan

@@ -29,7 +29,7 @@ def test_bn_and_trainable_fraction_reach_the_model_and_the_plan(recipe, tmp_path
     run = setup(recipe, tmp_path, "--transfer_strategy", "partial", "--trainable_fraction", "0.5", "--bn", "frozen",
                 "--max_steps", "3")
     assert not batch_norm_layers(run.model) and len(frozen_batch_norm_layers(run.model)) == 15
-    plan = recipe.describe_plan(run)
+    plan = run.plan
     assert "BatchNorm frozen" in plan and "trainable_fraction=0.5 -> top 1 of 5 layer groups (layer4.0)" in plan
     # max_steps decides the length, not num_train_epochs: 3 steps x 8 rows over 40 rows.
     assert "3 steps (max_steps; 0.6 epochs)" in plan and "1 epochs" not in plan
@@ -61,7 +61,7 @@ def test_whole_image_below_the_native_size(recipe, tmp_path, monkeypatch):
     native = run.model.backbone.pretrained_cfg
     assert native["crop_pct"] == 0.95 and native["input_size"] == (3, 160, 160)
     assert run.model.config.data_config["crop_pct"] == 1.0
-    assert "crop_pct 0.95 -> 1.0: input 32 px is below the backbone's native 160 px" in recipe.describe_plan(run)
+    assert "crop_pct 0.95 -> 1.0: input 32 px is below the backbone's native 160 px" in run.plan
     kept = setup(recipe, tmp_path, "--crop_pct", "0.875")
     assert kept.model.config.data_config["crop_pct"] == 0.875 and kept.crop_note is None
 
@@ -69,7 +69,7 @@ def test_whole_image_below_the_native_size(recipe, tmp_path, monkeypatch):
 def test_cached_features_plan_says_augmentation_is_off(recipe, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = setup(recipe, tmp_path, "--transfer_strategy", "feature_extraction", "--cache_features", "true", "--augment", "true")
-    assert "augmentation off (--cache_features" in recipe.describe_plan(run)
+    assert "augmentation off (--cache_features" in run.plan
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,9 @@
 """Data for :class:`~hf_tlmtl.TimmMultiTaskModel`: where it comes from, and how it reaches the model.
 
 - :mod:`~hf_tlmtl.data.sources`, :mod:`~hf_tlmtl.data.streaming`, :mod:`~hf_tlmtl.data.embedded`: image folders, tables,
-  Hub datasets, streams and the code-generated / bundled sets; tasks inferred from their columns.
+  Hub datasets, streams and the code-generated / bundled sets.
 - :mod:`~hf_tlmtl.data.task_columns`: the tasks of a dataset, stated or inferred from its columns.
+- :mod:`~hf_tlmtl.data.splits`: a run's train and validation splits and tasks, from any of them.
 - :mod:`~hf_tlmtl.data.labels`: label columns checked against the tasks and encoded as targets;
   :mod:`~hf_tlmtl.data.partial_labels`: datasets that label different tasks, concatenated.
 - :mod:`~hf_tlmtl.data.transforms` (timm's), :mod:`~hf_tlmtl.data.preparation` (the lazy batch transform),
@@ -35,7 +36,7 @@ Example:
     True
 """
 
-from .collator import MultiTaskCollator
+from .collator import MultiTaskCollator, check_first_batch
 from .embedded import EMBEDDED_DATASETS, load_embedded_dataset
 from .feature_cache import FEATURES_COLUMN, backbone_fingerprint, cache_features
 from .labels import encode_labels, plan_label_columns
@@ -49,6 +50,7 @@ from .preparation import (
     raw_dataset,
 )
 from .sources import TABLE_FORMATS, embedded_dataset_names, load_image_dataset, load_table
+from .splits import load_splits
 from .streaming import load_streaming_dataset, read_per_process
 from .task_columns import infer_tasks, parse_task_arg, resolve_tasks
 from .transforms import DEFAULT_TRAIN_SCALE, build_transforms
@@ -64,6 +66,7 @@ __all__ = [
     "backbone_fingerprint",
     "build_transforms",
     "cache_features",
+    "check_first_batch",
     "check_image_column",
     "check_worker_picklable",
     "concatenate_partially_labelled",
@@ -72,6 +75,7 @@ __all__ = [
     "infer_tasks",
     "load_embedded_dataset",
     "load_image_dataset",
+    "load_splits",
     "load_streaming_dataset",
     "load_table",
     "missing_label_value",

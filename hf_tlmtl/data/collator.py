@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 from typing import Any, Sequence
 
 import torch
@@ -66,3 +67,23 @@ class MultiTaskCollator:
         else:
             labels = torch.tensor([float_row(v, width, task) for v in values], dtype=torch.float32)
         return labels.reshape(-1) if task.type == "regression" and width == 1 else labels
+
+
+def check_first_batch(dataset: Any, collator: MultiTaskCollator, size: int = 2) -> dict[str, torch.Tensor]:
+    """Collate the first ``size`` rows of ``dataset`` (a ``Dataset`` or a stream): data errors surface now, not in training.
+
+    Rows are read through the dataset's transform, so an unreadable image or a label outside its task's classes
+    raises here. Returns the batch.
+
+    Example:
+        >>> import torch
+        >>> from hf_tlmtl import TaskSpec
+        >>> rows = [{"pixel_values": torch.zeros(3, 8, 8), "kind": 1}, {"pixel_values": torch.zeros(3, 8, 8), "kind": 0}]
+        >>> check_first_batch(rows, MultiTaskCollator([TaskSpec(name="kind", type="classification", num_labels=2)]))["kind"]
+        tensor([1, 0])
+    """
+    if hasattr(dataset, "__len__"):
+        first = [dataset[i] for i in range(min(size, len(dataset)))]
+    else:
+        first = list(itertools.islice(iter(dataset), size))
+    return collator(first)

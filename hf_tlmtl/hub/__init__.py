@@ -8,7 +8,7 @@
 - :func:`create_adapter_card` writes a card for a PEFT adapter saved on its own, naming its base model.
 - :func:`push_model_to_hub` uploads a saved model folder (weights, config, preprocessor config,
   card, curves) and its adapters in one commit; :func:`metrics_from_card` reads the per-task
-  metrics back from a card's ``model-index``.
+  metrics back from a card's ``model-index``; :func:`check_can_push` checks, before training, that an upload can work.
 
 ``library_name`` is ``transformers``: the model loads with ``AutoModel`` (after ``import
 hf_tlmtl``), which is what the Hub's "Use this model" snippet shows for that library; ``timm``
@@ -42,7 +42,7 @@ from .cards import (
     template_path,
 )
 from .pipeline import PIPELINE_TASK, MultiTaskImageClassificationPipeline
-from .push import DEFAULT_IGNORE_PATTERNS, PushToHubError, push_model_to_hub
+from .push import DEFAULT_IGNORE_PATTERNS, PushToHubError, check_can_push, push_model_to_hub
 
 __all__ = [
     "ADAPTER_CARD_TEMPLATE",
@@ -58,6 +58,7 @@ __all__ = [
     "MultiTaskImageClassificationPipeline",
     "PushToHubError",
     "base_model_id",
+    "check_can_push",
     "create_adapter_card",
     "create_model_card",
     "metrics_from_card",

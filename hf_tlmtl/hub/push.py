@@ -13,10 +13,11 @@ from huggingface_hub import (
     CommitOperationAdd,
     HfApi,
     ModelCard,
+    constants,
     get_token,
 )
 from huggingface_hub.errors import HfHubHTTPError
-from huggingface_hub.utils import filter_repo_objects
+from huggingface_hub.utils import HFValidationError, filter_repo_objects, validate_repo_id
 from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME
 
 from ..backbone.create import is_network_error
@@ -95,6 +96,28 @@ def _network_error(error: Exception, repo_id: str, folder: Path) -> PushToHubErr
         f"Could not upload to {repo_id!r} ({reason}): {hint} Nothing was lost: the complete model folder is "
         f"{folder}; upload it later with `hf upload {repo_id} {folder}` or push_model_to_hub('{folder}', '{repo_id}')."
     )
+
+
+def check_can_push(repo_id: str, token: str | None = None) -> None:
+    """Before a run that ends with an upload: ``repo_id`` is a Hub repo id, the Hub is not switched off
+    (``HF_HUB_OFFLINE``) and there is a token (``token``, ``HF_TOKEN`` or ``hf auth login``).
+    A ``ValueError`` says which is missing, in the recipes' flags.
+
+    Example:
+        >>> try:
+        ...     check_can_push("not a repo id!", token="hf_placeholder")
+        ... except ValueError as e:
+        ...     print(str(e).split(" (")[0])
+        --push_to_hub: 'not a repo id!' is not a Hub repo id
+    """
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f"--push_to_hub: {repo_id!r} is not a Hub repo id ({e}); pass --hub_model_id org/name") from None
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError("--push_to_hub but HF_HUB_OFFLINE is set: unset it to upload, or drop --push_to_hub")
+    if not (token or get_token()):
+        raise ValueError("--push_to_hub needs a Hub token: run `hf auth login`, set HF_TOKEN or pass --hub_token")
 
 
 def push_model_to_hub(

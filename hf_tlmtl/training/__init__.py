@@ -4,8 +4,12 @@
 - :mod:`~hf_tlmtl.training.trainer`: :class:`MultiTaskTrainer` (loss balancing, LLRD optimizer, per-task logs and metrics).
 - :mod:`~hf_tlmtl.training.balancer_state`: the balancer's state in checkpoints.
 - :mod:`~hf_tlmtl.training.distributed`: FSDP2 on CPU, what sharding refuses, gathering the full model.
-- :mod:`~hf_tlmtl.training.run_folder` and :mod:`~hf_tlmtl.training.cli`: what the recipes share: an output
-  folder set aside and restored, YAML + command-line parsing with clear errors.
+- What a training recipe is made of, one idea per module: :mod:`~hf_tlmtl.training.cli` (YAML + command line,
+  one-line errors), :mod:`~hf_tlmtl.training.output_dir` (the output folder's checks and resume),
+  :mod:`~hf_tlmtl.training.run_folder` (a previous run set aside and restored), :mod:`~hf_tlmtl.training.model_setup`
+  (the model from the model arguments), :mod:`~hf_tlmtl.training.plan` (the plan printed before training),
+  :mod:`~hf_tlmtl.training.final_model` (the trained model saved, adapters merged) and
+  :mod:`~hf_tlmtl.training.summary` (``training_summary.json`` and the printed results).
 - :mod:`~hf_tlmtl.training.experiment`: what the experiments that compare training setups share: one run's
   arguments, one model trained and evaluated.
 

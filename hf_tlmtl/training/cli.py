@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
+import torch
 import yaml
 from transformers import HfArgumentParser
 
@@ -26,6 +27,7 @@ __all__ = [
     "exit_with_usage_error",
     "known_arguments",
     "parse_experiment_argv",
+    "parse_run_argv",
     "reject_unknown",
     "run_or_exit",
     "yaml_to_argv",
@@ -200,6 +202,49 @@ def yaml_to_argv(config_path: str | Path, parser: HfArgumentParser, *more_parser
         else:
             argv += [option, str(value)]
     return argv
+
+
+def _accelerator_available() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
+def parse_run_argv(argv: list[str], *dataclass_types: type) -> tuple:
+    """``[CONFIG.yaml] [--key value ...]`` of one run -> one instance per dataclass (command line over YAML over defaults).
+
+    Unknown keys and arguments raise :class:`UsageError` with a "did you mean"; so do the dataclasses' own
+    checks (a ``ValueError`` or ``TypeError`` in ``__post_init__``). On a machine without an accelerator, a class
+    with a ``use_cpu`` field (``TrainingArguments``) gets ``use_cpu=True`` unless the YAML or the command line
+    say otherwise: without it, ``accelerate launch --multi_gpu --num_processes N`` on a CPU-only machine sets up
+    ``DistributedType.NO`` (N processes that each train alone and all write); with it, accelerate's MULTI_CPU
+    (gloo) data parallelism.
+
+    >>> @dataclasses.dataclass
+    ... class Args:
+    ...     seed: int = 0
+    >>> parse_run_argv(["--seed", "3"], Args)
+    (Args(seed=3),)
+    >>> try:
+    ...     parse_run_argv(["--sed", "3"], Args)
+    ... except UsageError as e:
+    ...     print(e)
+    unknown argument '--sed'; did you mean 'seed'?
+    """
+    parser = build_parser(*dataclass_types)
+    if argv and argv[0].endswith(YAML_SUFFIXES):
+        argv = yaml_to_argv(Path(argv[0]), parser) + argv[1:]
+    if "use_cpu" in known_arguments(parser) and not _accelerator_available():
+        argv = ["--use_cpu", "true", *argv]
+    try:
+        *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except UsageError:
+        raise
+    except (ValueError, TypeError) as e:  # raised by a dataclass's __post_init__
+        raise UsageError(str(e)) from None
+    reject_unknown(unknown, known_arguments(parser), fallback="; see --help for the arguments")
+    return tuple(parsed)
 
 
 def parse_experiment_argv(

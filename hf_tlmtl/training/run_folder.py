@@ -13,7 +13,9 @@ to show for itself:
    (:class:`DropSetAsideOnSave` does it on the Trainer's first save);
 4. if it fails before that, :func:`restore` removes what the new run wrote and moves the old run back,
    byte for byte. A run killed outright (SIGKILL) cannot restore anything itself: the next start in the
-   same folder finds ``.previous-run/`` and restores it first (:func:`restore`).
+   same folder finds ``.previous-run/`` and restores it first (:func:`restore_interrupted`).
+
+:func:`previous_run_set_aside` does steps 1, 3 and 4 around a Trainer's training and final save.
 
 Files in ``output_dir`` that no run writes (notes, data) are never moved or touched.
 
@@ -37,10 +39,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 SET_ASIDE_DIR = ".previous-run"
 """Sub-folder of ``output_dir`` that holds the previous run while a new one has not committed."""
@@ -128,4 +134,92 @@ class DropSetAsideOnSave(TrainerCallback):
             self.dropped = True
 
 
-__all__ = ["DropSetAsideOnSave", "SET_ASIDE_DIR", "drop_set_aside", "restore", "set_aside"]
+def restore_interrupted(args: TrainingArguments, is_run_entry: RunEntry) -> list[str]:
+    """A run killed while it replaced a previous one (before its first checkpoint) left that previous run in
+    ``args.output_dir/.previous-run``: the main process puts it back, before any process looks at the folder.
+
+    Returns the names put back (``[]`` on the other processes, and when nothing was set aside).
+
+    Example:
+        >>> import tempfile
+        >>> out = Path(tempfile.mkdtemp())
+        >>> args = TrainingArguments(output_dir=str(out), report_to="none")
+        >>> _ = (out / "config.json").write_text("old")
+        >>> _ = set_aside(out, is_run_entry=lambda p: p.name == "config.json")  # then the run was killed
+        >>> restore_interrupted(args, is_run_entry=lambda p: p.name == "config.json")  # doctest: +ELLIPSIS
+        restored the previous run in ... (1 entries) that an interrupted --overwrite_output_dir run had set aside
+        ['config.json']
+    """
+    out = Path(args.output_dir)
+    restored: list[str] = []
+    with args.main_process_first(desc="restoring an interrupted overwrite"):
+        if args.process_index == 0 and (out / SET_ASIDE_DIR).is_dir():
+            restored = restore(out, is_run_entry)
+            print(f"restored the previous run in {out} ({len(restored)} entries) that an interrupted "
+                  "--overwrite_output_dir run had set aside", flush=True)
+    return restored
+
+
+def _raise_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through previous_run_set_aside's restore
+
+
+@contextmanager
+def previous_run_set_aside(trainer: Trainer, is_run_entry: RunEntry, *, enabled: bool = True) -> Iterator[list[str]]:
+    """The previous run in ``trainer.args.output_dir`` set aside for the block (the new run's training and final save).
+
+    The main process moves it aside (:func:`set_aside`; the block gets the names moved). The Trainer's first
+    checkpoint drops it (:class:`DropSetAsideOnSave`), and so does the block's end; if the block fails (an
+    exception, or SIGTERM, turned into ``SystemExit(143)`` while the block runs) before that, the previous run is
+    put back (:func:`restore`) and the error goes on. ``enabled=False``: nothing is set aside.
+
+    Example:
+        >>> import tempfile
+        >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+        >>> from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
+        >>> out = Path(tempfile.mkdtemp()); _ = (out / "config.json").write_text("old")
+        >>> model = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
+        >>> trainer = MultiTaskTrainer(model=model, args=MultiTaskTrainingArguments(str(out), report_to="none"))
+        >>> try:
+        ...     with previous_run_set_aside(trainer, is_run_entry=lambda p: p.name == "config.json") as moved:
+        ...         print(moved, (out / "config.json").exists())
+        ...         raise RuntimeError("the new run failed")
+        ... except RuntimeError:
+        ...     print((out / "config.json").read_text())
+        ['config.json'] False
+        old
+    """
+    args = trainer.args
+    out = Path(args.output_dir)
+    names: list[str] = []
+    if enabled:
+        with args.main_process_first(desc="setting the previous run aside"):
+            if args.process_index == 0 and out.is_dir():
+                names = set_aside(out, is_run_entry)
+    if not names:
+        yield names
+        return
+    trainer.add_callback(DropSetAsideOnSave(out))
+    previous_handler = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        yield names
+    except BaseException:
+        if (out / SET_ASIDE_DIR).is_dir():
+            restore(out, is_run_entry)
+            print(f"the run failed before its first checkpoint; the previous run in {out} is back as it was",
+                  file=sys.stderr, flush=True)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    drop_set_aside(out)
+
+
+__all__ = [
+    "DropSetAsideOnSave",
+    "SET_ASIDE_DIR",
+    "drop_set_aside",
+    "previous_run_set_aside",
+    "restore",
+    "restore_interrupted",
+    "set_aside",
+]

@@ -46,6 +46,7 @@ from .advice import (
     SMALL_DIFFERENT_LAYER_DECAY,
     STUDY_RULES,
     Recommendation,
+    parse_similarity,
     recommend_strategy,
 )
 from .batch_norm import (
@@ -93,6 +94,7 @@ __all__ = [
     "is_peft_model",
     "layer_decay_param_groups",
     "native_input_side",
+    "parse_similarity",
     "prepare_model",
     "recalibrate_batch_norm",
     "recommend_strategy",

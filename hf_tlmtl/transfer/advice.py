@@ -108,6 +108,18 @@ class Recommendation:
         return kwargs
 
 
+def parse_similarity(text: str) -> str | float:
+    """A ``similarity`` given as text (``--task_similarity``): a number becomes a float, a word stays a word.
+
+    >>> parse_similarity("0.4"), parse_similarity("measured")
+    (0.4, 'measured')
+    """
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _similarity_is_high(similarity: str | float, threshold: float) -> bool:
     if isinstance(similarity, str):
         if similarity.lower() not in ("similar", "different"):
