@@ -170,7 +170,7 @@ def _check_grouped(model: nn.Module, targets: list[str], adapter: AdapterConfig)
     for name in targets:
         groups = getattr(modules[name], "groups", 1)
         if adapter.method == "lora" and groups > 1:
-            # Even with a divisible rank peft cannot merge it: merge_adapter (and recipes/finetune.py, which
+            # Even with a divisible rank peft cannot merge it: merge_adapter (and save_final_model, which
             # saves the merged model) would fail after training.
             need = f"needs r divisible by {groups} (got r={adapter.r}) and " if adapter.r % groups else ""
             raise ValueError(

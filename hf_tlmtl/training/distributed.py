@@ -76,8 +76,8 @@ def check_fsdp_setup(args: Any, balancer: Any, cpu: bool) -> None:
       multi-process run (each process would aggregate its own shard's Jacobian).
 
     Every transfer strategy is accepted, ``lora`` (any ``lora_method``) included: its sharded checkpoints hold
-    the adapter and heads, and recipes/finetune.py saves the adapter and the merged model from a one-process
-    copy of the gathered weights (:func:`full_state_dict`, :func:`hf_tlmtl.adapters.unsharded_copy`).
+    the adapter and heads, and :func:`hf_tlmtl.training.final_model.save_final_model` saves the adapter and the
+    merged model from a one-process copy of the gathered weights (:func:`full_state_dict`, :func:`hf_tlmtl.adapters.unsharded_copy`).
     ``bn='recalibrate'`` runs its statistics pass through the sharded model on every process.
     """
     if not fsdp_requested(args):

@@ -73,7 +73,7 @@ def set_aside(output_dir: str | os.PathLike, is_run_entry: RunEntry) -> list[str
     aside = out / SET_ASIDE_DIR
     if aside.exists():
         raise ValueError(
-            f"{aside} already holds a previous run set aside; restore it first (hf_tlmtl.run_folder.restore) "
+            f"{aside} already holds a previous run set aside; restore it first (hf_tlmtl.training.run_folder.restore) "
             "or delete it if that run is not needed"
         )
     names = sorted(p.name for p in out.iterdir() if p.name != SET_ASIDE_DIR and is_run_entry(p)) if out.is_dir() else []
