@@ -153,7 +153,7 @@ def unsharded_copy(model: peft.PeftModel, state_dict: Mapping[str, torch.Tensor]
     """A one-process copy of the peft model ``model`` that holds the weights of ``state_dict``.
 
     For a model whose weights are not whole tensors in this process (FSDP2 shards: gather them first with
-    :func:`hf_tlmtl.distributed.full_state_dict`): peft's ``save_pretrained`` and :func:`merge_adapter`
+    :func:`hf_tlmtl.training.distributed.full_state_dict`): peft's ``save_pretrained`` and :func:`merge_adapter`
     read the weights' storage, which FSDP frees. The base model is rebuilt from its config (BatchNorm frozen
     as :func:`apply_lora` freezes it), every adapter from its peft config, the active one activated, and
     ``state_dict`` (``model.state_dict()``'s names) is loaded strictly: no weight keeps the rebuilt model's
@@ -190,7 +190,7 @@ def unsharded_copy(model: peft.PeftModel, state_dict: Mapping[str, torch.Tensor]
         raise ValueError(
             f"The state dict does not fit a copy of this peft model: {len(missing)} of its weights are missing "
             f"({short_list(missing, 3)}), {len(unexpected)} are not its own ({short_list(unexpected, 3)}). Pass the "
-            "model's own state dict (hf_tlmtl.distributed.full_state_dict gathers it from FSDP shards)."
+            "model's own state dict (hf_tlmtl.training.distributed.full_state_dict gathers it from FSDP shards)."
         )
     rebuilt.load_state_dict(dict(state_dict), strict=True)
     return rebuilt

@@ -41,7 +41,7 @@ disc of about the same area, always of another colour, in the right half)
     validation pixel is seen in training. ``photo`` ClassLabel, one class per photo.
 
 Example:
-    >>> from hf_tlmtl.embedded import load_embedded_dataset
+    >>> from hf_tlmtl.data.embedded import load_embedded_dataset
     >>> ds = load_embedded_dataset("shapes", n_train=8, n_eval=4, image_size=32, seed=0)
     >>> ds["train"].num_rows, ds["validation"].num_rows
     (8, 4)

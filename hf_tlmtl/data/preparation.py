@@ -155,12 +155,12 @@ def prepare_dataset(
         seed: Seed the augmentation per row: row ``i`` in epoch ``e`` is transformed under random
             generators seeded from ``(seed, e, i)`` (and the global generators are left as they were),
             so a resumed or data-parallel run augments every row exactly as an uninterrupted run
-            does. :class:`~hf_tlmtl.trainer.MultiTaskTrainer` advances the epoch. Adds a row-index
+            does. :class:`~hf_tlmtl.training.MultiTaskTrainer` advances the epoch. Adds a row-index
             column (:data:`ROW_COLUMN`) to the raw dataset. ``None``: draw from the global generators.
 
     Example:
         >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-        >>> from hf_tlmtl.embedded import load_embedded_dataset
+        >>> from hf_tlmtl.data.embedded import load_embedded_dataset
         >>> ds = load_embedded_dataset("digits", n_train=20, n_eval=10, image_size=32)
         >>> model = TimmMultiTaskModel.from_backbone(
         ...     "test_resnet", [TaskSpec(name="digit", type="classification", num_labels=10)], image_size=32)

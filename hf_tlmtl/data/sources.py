@@ -43,7 +43,7 @@ TABLE_FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".pq": "pa
 
 
 def embedded_dataset_names() -> list[str]:
-    """Names accepted by :func:`hf_tlmtl.embedded.load_embedded_dataset`.
+    """Names accepted by :func:`hf_tlmtl.data.embedded.load_embedded_dataset`.
 
     Example:
         >>> embedded_dataset_names()

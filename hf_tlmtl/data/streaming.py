@@ -3,7 +3,7 @@
 :func:`load_streaming_dataset` opens a Hub id, a folder of Parquet / CSV / JSON-lines files or of images
 (``imagefolder``), or one table file as a ``datasets.IterableDataset`` for training, and reads the
 validation split (small, it is evaluated every time) into memory. Tasks come from the column features,
-as for in-memory data (:func:`hf_tlmtl.sources.resolve_tasks`), but nothing can be re-encoded on the fly:
+as for in-memory data (:func:`hf_tlmtl.data.resolve_tasks`), but nothing can be re-encoded on the fly:
 class columns must already be ``ClassLabel`` or class indices (``Dataset.to_parquet`` keeps the features).
 :func:`hf_tlmtl.data.prepare_dataset` attaches the timm transform to a stream with ``map``.
 
@@ -15,7 +15,7 @@ process its part of every batch (:func:`read_per_process`). Either way every row
 
 Example:
     >>> import tempfile
-    >>> from hf_tlmtl.embedded import load_embedded_dataset
+    >>> from hf_tlmtl.data.embedded import load_embedded_dataset
     >>> folder = tempfile.mkdtemp()
     >>> ds = load_embedded_dataset("shapes", n_train=8, n_eval=4, image_size=32)
     >>> for i in range(2):

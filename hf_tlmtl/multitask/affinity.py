@@ -220,7 +220,7 @@ def measure_affinity(
 # ---------------------------------------------------------------------------------- callback
 class TaskAffinityCallback(TrainerCallback):
     """Measures lookahead and gradient-cosine affinity every ``every_n_steps`` optimizer steps of a
-    :class:`~hf_tlmtl.trainer.MultiTaskTrainer` run, logs the matrix and writes it into the output folder.
+    :class:`~hf_tlmtl.training.MultiTaskTrainer` run, logs the matrix and writes it into the output folder.
 
     Each measurement draws ``batch_size`` rows of ``dataset`` (default: the trainer's training set and
     collator) with a generator seeded from ``(seed, step)``: which rows a step measures on does not
@@ -252,8 +252,8 @@ class TaskAffinityCallback(TrainerCallback):
     Example:
         >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
         >>> from hf_tlmtl.data import prepare_dataset
-        >>> from hf_tlmtl.embedded import load_embedded_dataset
-        >>> from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
+        >>> from hf_tlmtl.data.embedded import load_embedded_dataset
+        >>> from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
         >>> ds = load_embedded_dataset("shapes_affinity", n_train=32, n_eval=8, image_size=32)["train"]
         >>> tasks = [TaskSpec(name="scale", type="regression"), TaskSpec(name="size_class", type="classification", num_labels=3)]
         >>> model = TimmMultiTaskModel.from_backbone("test_resnet", tasks, image_size=32)

@@ -59,7 +59,7 @@ class MultiTaskTrainingArguments(TrainingArguments):
         default="train",
         metadata={"help": "BatchNorm policy: train | frozen (statistics and affine weights fixed, whatever else "
                   "trains) | recalibrate (re-estimate running statistics on the training data before each "
-                  "evaluation and save). See hf_tlmtl.batch_norm."},
+                  "evaluation and save). See hf_tlmtl.transfer.batch_norm."},
     )
     bn_recalibration_batches: int = field(
         default=100, metadata={"help": "bn=recalibrate: at most this many training batches (eval batch size) per re-estimate."}

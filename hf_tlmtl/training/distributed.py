@@ -102,7 +102,7 @@ def describe_sharding(trainer: Any) -> str | None:
 
     Example:
         >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-        >>> from hf_tlmtl.trainer import MultiTaskTrainer, MultiTaskTrainingArguments
+        >>> from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
         >>> m = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
         >>> describe_sharding(MultiTaskTrainer(model=m, args=MultiTaskTrainingArguments("/tmp/d", report_to="none"))) is None
         True

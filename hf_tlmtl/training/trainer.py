@@ -63,15 +63,15 @@ class MultiTaskTrainer(Trainer):
       once, through :func:`~hf_tlmtl.transfer.prepare_model` (``self.transfer_summary`` says what trains);
       the trainer itself never changes the model's structure;
     - ``create_optimizer`` uses ``--optim``'s class on layer-wise LR decay groups
-      (:func:`~hf_tlmtl.optim.layer_decay_param_groups`), without frozen parameters;
-    - ``gradual_unfreeze=True`` adds :class:`~hf_tlmtl.callbacks.GradualUnfreezeCallback`
+      (:func:`~hf_tlmtl.transfer.layer_decay.layer_decay_param_groups`), without frozen parameters;
+    - ``gradual_unfreeze=True`` adds :class:`~hf_tlmtl.transfer.unfreezing.GradualUnfreezeCallback`
       (``self.gradual_unfreeze``);
     - a task with no label in a batch is left out of the balancer (its head gets an exact zero
       gradient); gradient-aggregation balancers (``upgrad``, ``mgda`` ...) replace the backward
       in ``training_step``; learnable balancer parameters are optimised (own group, no weight
       decay; under FSDP2 the group joins after ``prepare`` and its optimizer state has its own
       checkpoint file) and the balancer's state is written into every checkpoint and restored on resume;
-    - ``compute_metrics`` defaults to :func:`~hf_tlmtl.metrics.build_compute_metrics` of the tasks
+    - ``compute_metrics`` defaults to :func:`~hf_tlmtl.multitask.metrics.build_compute_metrics` of the tasks
       (``eval_<task>_<metric>`` and ``eval_score``).
     """
 
@@ -171,7 +171,7 @@ class MultiTaskTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """``Trainer.save_model``; under FSDP the full model is gathered from the shards by
-        :func:`hf_tlmtl.distributed.full_state_dict` and written by the main process as one
+        :func:`hf_tlmtl.training.distributed.full_state_dict` and written by the main process as one
         ``model.safetensors``: always for the model saved from outside the Trainer (the final one), and for
         checkpoints with ``FULL_STATE_DICT`` (``SHARDED_STATE_DICT`` checkpoints keep the Trainer's shards).
         With ``bn='recalibrate'`` :meth:`recalibrate_batch_norm` runs first (under FSDP on every process: it gathers)."""
@@ -226,7 +226,7 @@ class MultiTaskTrainer(Trainer):
 
         One pass, in order, over at most ``bn_recalibration_batches`` batches of
         ``per_device_eval_batch_size`` training rows, with the training transform
-        (:func:`hf_tlmtl.batch_norm.recalibrate_batch_norm`). Every process reads the same rows, so the
+        (:func:`hf_tlmtl.transfer.batch_norm.recalibrate_batch_norm`). Every process reads the same rows, so the
         statistics agree across processes; the random state is restored afterwards, so training (and
         an exact resume) draws what it would have drawn. Runs before :meth:`evaluate` and
         :meth:`save_model` (checkpoints included), once per training step. Returns the images seen.
@@ -410,12 +410,12 @@ class MultiTaskTrainer(Trainer):
         return super().create_scheduler(num_training_steps, optimizer)
 
     def _create_layer_decay_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-        """``--optim``'s optimizer class on :func:`~hf_tlmtl.optim.layer_decay_param_groups`.
+        """``--optim``'s optimizer class on :func:`~hf_tlmtl.transfer.layer_decay.layer_decay_param_groups`.
 
         Backbone layers get ``learning_rate * layer_decay ** (num_layers - layer_id)`` (all
         ``learning_rate`` without ``layer_decay``), heads ``learning_rate * head_lr_scale``; frozen
         parameters are left out, except those gradual unfreezing will unfreeze: they are in from
-        the start (see :mod:`hf_tlmtl.callbacks`).
+        the start (see :mod:`hf_tlmtl.transfer.unfreezing`).
         """
         if self.optimizer is not None:
             return super().create_optimizer(model)
@@ -478,7 +478,7 @@ class MultiTaskTrainer(Trainer):
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """``Trainer._save_optimizer_and_scheduler``; under FSDP the balancer's optimizer state goes to its own
-        file (:func:`~hf_tlmtl.balancing.save_balancer_optimizer_state`), outside FSDP's (sharded) one."""
+        file (:func:`~hf_tlmtl.training.balancer_state.save_balancer_optimizer_state`), outside FSDP's (sharded) one."""
         with self._without_balancer_group():
             super()._save_optimizer_and_scheduler(output_dir)
         if self.is_fsdp_enabled and self.args.should_save:

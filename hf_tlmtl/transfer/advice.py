@@ -85,7 +85,7 @@ class Recommendation:
     measurement: Any = field(default=None, repr=False)
     """The :class:`~hf_tlmtl.transferability.SimilarityMeasurement` behind ``similarity="measured"``."""
     bn: str = "train"
-    """The BatchNorm policy (:data:`~hf_tlmtl.batch_norm.BN_POLICIES`)."""
+    """The BatchNorm policy (:data:`~hf_tlmtl.transfer.batch_norm.BN_POLICIES`)."""
     learning_rate_scale: float = 1.0
     """The backbone's learning rate relative to the heads' (``learning_rate``); below 1 the backbone trains slower."""
 

@@ -15,7 +15,7 @@ The policies:
 
 Example:
     >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-    >>> from hf_tlmtl.batch_norm import batch_norm_layers, freeze_batch_norm
+    >>> from hf_tlmtl.transfer.batch_norm import batch_norm_layers, freeze_batch_norm
     >>> m = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
     >>> len(batch_norm_layers(m)), freeze_batch_norm(m), len(batch_norm_layers(m))
     (15, 15, 0)

@@ -11,7 +11,7 @@ With ``L`` backbone layers (ids ``0..L-1``, stem first) and the heads as layer `
 Example:
     >>> import torch
     >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-    >>> from hf_tlmtl.optim import layer_decay_param_groups
+    >>> from hf_tlmtl.transfer.layer_decay import layer_decay_param_groups
     >>> model = TimmMultiTaskModel.from_backbone("test_vit", [TaskSpec(name="y", type="regression")])
     >>> groups = layer_decay_param_groups(model, lr=1e-3, weight_decay=0.05, layer_decay=0.5)
     >>> sorted({round(g["lr"] / 1e-3, 4) for g in groups})  # 7 backbone layers (stem, 6 blocks) + heads

@@ -185,7 +185,7 @@ def apply_transfer_strategy(
             (:func:`resolve_trainable_fraction`); the summary's ``notes`` say which.
         keep_depth: ``truncate``, instead of ``truncate_stage``: the share of the backbone's depth kept,
             resolved to the nearest cut (:func:`resolve_keep_depth`, :func:`truncation_points`).
-        bn: BatchNorm policy (:data:`~hf_tlmtl.batch_norm.BN_POLICIES`): ``"train"``, ``"frozen"`` (every
+        bn: BatchNorm policy (:data:`~hf_tlmtl.transfer.batch_norm.BN_POLICIES`): ``"train"``, ``"frozen"`` (every
             BatchNorm layer of the backbone frozen, statistics and affine weights, whatever else trains) or
             ``"recalibrate"`` (trains; the Trainer re-estimates running statistics before evaluating and
             saving). ``feature_extraction`` and ``lora`` freeze BatchNorm with the backbone in any case

@@ -19,7 +19,7 @@ How it stays exact across ``resume_from_checkpoint``:
 
 Example:
     >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-    >>> from hf_tlmtl.callbacks import GradualUnfreezeCallback
+    >>> from hf_tlmtl.transfer.unfreezing import GradualUnfreezeCallback
     >>> model = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
     >>> callback = GradualUnfreezeCallback(model)
     >>> callback.schedule_names, callback.unfrozen_names
@@ -63,7 +63,7 @@ class GradualUnfreezeCallback(TrainerCallback):
     The schedule covers the backbone groups that are trainable when the callback is created (all of
     them for ``fine_tune``; the top ``trainable_groups`` after ``partial`` / ``truncate``), top first,
     at most ``max_groups`` (groups past the cap are frozen for good). Creating the callback freezes the
-    scheduled groups; :class:`~hf_tlmtl.trainer.MultiTaskTrainer` does this when ``gradual_unfreeze=True``.
+    scheduled groups; :class:`~hf_tlmtl.training.MultiTaskTrainer` does this when ``gradual_unfreeze=True``.
 
     Args:
         model: The :class:`~hf_tlmtl.TimmMultiTaskModel` being trained.

@@ -64,7 +64,7 @@ def rank_backbones(
     Example:
         >>> import tempfile
         >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-        >>> from hf_tlmtl.embedded import load_embedded_dataset
+        >>> from hf_tlmtl.data.embedded import load_embedded_dataset
         >>> ds = load_embedded_dataset("digits", n_train=60, n_eval=10, image_size=32)
         >>> tasks = [TaskSpec(name="digit", type="classification", num_labels=10)]
         >>> a = TimmMultiTaskModel.from_backbone("test_resnet", tasks, image_size=32)

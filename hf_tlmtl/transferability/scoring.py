@@ -239,7 +239,7 @@ def pooled_features(
     Example:
         >>> import tempfile
         >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-        >>> from hf_tlmtl.embedded import load_embedded_dataset
+        >>> from hf_tlmtl.data.embedded import load_embedded_dataset
         >>> ds = load_embedded_dataset("digits", n_train=20, n_eval=10, image_size=32)["train"]
         >>> tasks = [TaskSpec(name="digit", type="classification", num_labels=10)]
         >>> model = TimmMultiTaskModel.from_backbone("test_resnet", tasks, image_size=32)
@@ -285,7 +285,7 @@ def score_transferability(
     Example:
         >>> import tempfile
         >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-        >>> from hf_tlmtl.embedded import load_embedded_dataset
+        >>> from hf_tlmtl.data.embedded import load_embedded_dataset
         >>> ds = load_embedded_dataset("digits", n_train=60, n_eval=10, image_size=32)
         >>> model = TimmMultiTaskModel.from_backbone(
         ...     "test_resnet", [TaskSpec(name="digit", type="classification", num_labels=10)], image_size=32)

@@ -129,7 +129,7 @@ def measure_similarity(
     Example:
         >>> import tempfile
         >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-        >>> from hf_tlmtl.embedded import load_embedded_dataset
+        >>> from hf_tlmtl.data.embedded import load_embedded_dataset
         >>> ds = load_embedded_dataset("digits", n_train=60, n_eval=10, image_size=32)
         >>> model = TimmMultiTaskModel.from_backbone(
         ...     "test_resnet", [TaskSpec(name="digit", type="classification", num_labels=10)], image_size=32)
