@@ -1,3 +1,13 @@
+"""A backbone's anatomy, read from timm: coarse layer groups (``group_matcher``), the cuts ``truncate`` can
+make (``feature_info`` taps) and how much each keeps, FSDP wrap units, the native input side.
+
+Example:
+    >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+    >>> m = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
+    >>> len(backbone_groups(m)), [p.module for p in truncation_points(m)][-1]
+    (5, 'layer3')
+"""
+
 from __future__ import annotations
 
 import math

@@ -1,3 +1,7 @@
+"""A timm backbone from a name, ``hf-hub:`` or ``local-dir:`` source, with errors that say what to do; its
+data config; a cut after one of its stages (timm's ``prune_intermediate_layers``, pooling restored).
+"""
+
 from __future__ import annotations
 
 import difflib

@@ -1,3 +1,12 @@
+"""The :class:`~hf_tlmtl.TimmMultiTaskModel` inside a peft / DDP / FSDP wrapper: public entry points unwrap once.
+
+Example:
+    >>> from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+    >>> m = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")])
+    >>> unwrap(m) is m, is_peft_model(m)
+    (True, False)
+"""
+
 from __future__ import annotations
 
 from torch import nn

@@ -1,3 +1,7 @@
+"""Batches for :class:`~hf_tlmtl.TimmMultiTaskModel`: :class:`MultiTaskCollator` stacks images (or cached features)
+and targets by task, filling tasks a dataset does not label as missing.
+"""
+
 from __future__ import annotations
 
 import itertools

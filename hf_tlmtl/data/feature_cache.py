@@ -1,3 +1,7 @@
+"""A frozen backbone's pooled features, computed once and cached by ``datasets`` (:func:`cache_features`),
+fingerprinted by the backbone's weights, the data and the transform.
+"""
+
 from __future__ import annotations
 
 import hashlib
