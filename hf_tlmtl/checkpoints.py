@@ -33,6 +33,8 @@ from safetensors import safe_open
 from .backbone.unwrap import is_peft_model, unwrap
 
 CONFIG_NAME = "config.json"
+MODEL_TYPE = "timm_multitask"
+"""The ``model_type`` of every folder this package loads (``TimmMultiTaskConfig.model_type``)."""
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -72,7 +74,14 @@ def check_model_folder(folder: str | os.PathLike, what: str = "", allow_pickle: 
         return
     prefix = f"{what}: " if what else ""
     if (folder / CONFIG_NAME).is_file():
-        read_json(folder / CONFIG_NAME, what)
+        config = read_json(folder / CONFIG_NAME, what)
+        model_type = config.get("model_type") if isinstance(config, dict) else None
+        if model_type != MODEL_TYPE:
+            code = " Its auto_map points to Python files in the folder, which hf_tlmtl never runs." if "auto_map" in config else ""
+            raise ValueError(
+                f"{prefix}{folder / CONFIG_NAME} describes a {model_type!r} model, not an hf_tlmtl one (model_type "
+                f"{MODEL_TYPE!r}).{code} Pass a folder written by save_pretrained / recipes/finetune.py."
+            )
     if any((folder / name).is_file() for name in SAFE_WEIGHTS) or allow_pickle:
         return
     pickles = sorted(p.name for p in folder.glob("pytorch_model*.bin")) + [n for n in PICKLE_WEIGHTS[1:] if (folder / n).is_file()]

@@ -198,6 +198,10 @@ class TaskSpec:
                 )
         if target.shape[0] != batch_size:
             raise ValueError(f"Task {self.name!r}: {target.shape[0]} labels for a batch of {batch_size} images.")
+        if target.is_floating_point() and bool(torch.isinf(target).any()):
+            raise ValueError(
+                f"Task {self.name!r}: a target is infinite; labels must be finite numbers (NaN marks a missing label)."
+            )
         return target
 
     def label_mask(self, target: torch.Tensor) -> torch.Tensor:

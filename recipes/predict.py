@@ -169,7 +169,8 @@ def predict(args: PredictArguments) -> list[dict[str, Any]]:
     check_model_folder(model_path, "--model")
     names, images = iter_inputs(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = transformers.pipeline(PIPELINE_TASK, model=args.model, device=device)
+    # Never run code from a model folder (checked above too): transformers would ask on a terminal.
+    pipe = transformers.pipeline(PIPELINE_TASK, model=args.model, device=device, trust_remote_code=False)
     tasks = list(pipe.model_tasks)
     widest = max([t.num_outputs for t in tasks if t.type == "classification"] + [1])
     records = []

@@ -1,3 +1,7 @@
+"""Label columns checked against the tasks (:func:`plan_label_columns`), scanned for infinite values
+(:func:`check_finite_labels`) and encoded as targets (:func:`encode_labels`): class indices, values, multi-hot rows.
+"""
+
 from __future__ import annotations
 
 import math
@@ -6,6 +10,8 @@ from typing import Any, Iterable, Sequence
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, List, Value
 
@@ -155,6 +161,39 @@ def _multi_hot(indices: Any, task: TaskSpec) -> list[float]:
             raise ValueError(f"Task {task.name!r}: label index {index} out of range for {task.num_outputs} labels.")
         row[int(index)] = 1.0
     return row
+
+
+def check_finite_labels(dataset: Dataset, labels: Sequence[LabelColumn]) -> None:
+    """``ValueError`` naming the task, column and first row when a regression / multilabel column holds ``inf``.
+
+    ``NaN`` (or an empty cell) is a missing label; an infinite one is an error in the data that would turn the
+    weights NaN at the first step it reaches, so it is refused before training.
+
+    Example:
+        >>> from datasets import Dataset
+        >>> from hf_tlmtl import TaskSpec
+        >>> ds = Dataset.from_dict({"age": [31.0, float("nan"), float("inf")]})
+        >>> check_finite_labels(ds, plan_label_columns(ds, [TaskSpec(name="age", type="regression")], None))
+        Traceback (most recent call last):
+        ...
+        ValueError: Task 'age' (column 'age'): row 2 holds inf (1 infinite value in the column). A regression / multilabel label must be a finite number, or NaN / empty for a missing one: fix or drop those rows (dataset.filter(...)).
+    """
+    for label in labels:
+        if label.kind not in ("value", "values", "multihot"):
+            continue
+        column = dataset.select_columns([label.column]).with_format("arrow")[:][label.column].combine_chunks()
+        rows = np.arange(len(column))
+        while pa.types.is_list(column.type) or pa.types.is_large_list(column.type) or pa.types.is_fixed_size_list(column.type):
+            rows = rows[pc.list_parent_indices(column).to_numpy()]
+            column = pc.list_flatten(column)
+        values = np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
+        bad = np.flatnonzero(np.isinf(values))
+        if bad.size:
+            raise ValueError(
+                f"Task {label.task.name!r} (column {label.column!r}): row {int(rows[bad[0]])} holds {values[bad[0]]:g} "
+                f"({bad.size} infinite value{'s' if bad.size > 1 else ''} in the column). A regression / multilabel label "
+                "must be a finite number, or NaN / empty for a missing one: fix or drop those rows (dataset.filter(...))."
+            )
 
 
 def encode_labels(label: LabelColumn, values: list[Any]) -> torch.Tensor:

@@ -22,8 +22,8 @@ from datasets import Dataset
 from PIL import Image as PILImage
 
 from ..configuration import TimmMultiTaskConfig
-from .labels import LabelColumn, encode_labels, plan_label_columns, require_dataset
-from .transforms import as_config, build_transforms
+from .labels import LabelColumn, check_finite_labels, encode_labels, plan_label_columns, require_dataset
+from .transforms import as_config, build_transforms, rgb_image
 
 FEATURES_COLUMN = "features"
 """Column (and model keyword) holding pooled backbone features in a feature cache."""
@@ -117,7 +117,7 @@ def to_rgb(image: Any, column: str | None) -> PILImage.Image:
             f"Column {column!r} holds {type(image).__name__}, not decoded images; "
             f"use dataset.cast_column({column!r}, datasets.Image())."
         )
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return rgb_image(image)
 
 
 # ---------------------------------------------------------------------------------- prepare
@@ -180,6 +180,7 @@ def prepare_dataset(
         )
     check_image_column(raw, image_column)
     labels = plan_label_columns(raw, config.task_specs, labelled_tasks)
+    check_finite_labels(raw, labels)
     image_transform = transform if transform is not None else build_transforms(config, train=train)
     if ROW_COLUMN in raw.column_names:
         raw = raw.remove_columns(ROW_COLUMN)

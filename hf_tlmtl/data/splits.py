@@ -17,8 +17,8 @@ from typing import Any
 
 from ..tasks import TaskSpec
 from .sources import load_image_dataset
-from .task_columns import resolve_tasks
 from .streaming import load_streaming_dataset
+from .task_columns import resolve_tasks
 
 
 def load_splits(

@@ -36,11 +36,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers import Pipeline
 from transformers.image_utils import load_image
 
 from ..backbone.unwrap import unwrap
+from ..data.transforms import rgb_image
 from ..image_processing import TimmMultiTaskImageProcessor
 from ..tasks import TaskSpec
 
@@ -74,9 +75,15 @@ def read_image(image: Any, mode: str = "RGB", timeout: float | None = None) -> I
         if isinstance(image, str) and not image.startswith(("http://", "https://", "data:image/")):
             if not Path(image).is_file():
                 raise FileNotFoundError("no such file")
-        if not isinstance(image, (str, Image.Image)):
+            # Opened here, not by transformers' load_image, which converts to RGB at once: a 16-bit image
+            # would be clipped before rgb_image could scale it.
+            with Image.open(image) as opened:
+                image = ImageOps.exif_transpose(opened)
+        elif isinstance(image, str):
+            image = load_image(image, timeout=timeout)  # a URL or data URI: transformers reads it (as RGB)
+        if not isinstance(image, Image.Image):
             raise TypeError("expected a PIL image, a numpy array, a path or a URL")
-        return load_image(image, timeout=timeout).convert(mode)
+        return rgb_image(image) if mode == "RGB" else image.convert(mode)
     except (OSError, ValueError, TypeError, UnidentifiedImageError) as error:
         raise ValueError(
             f"Could not read image {_describe(image)} ({type(error).__name__}: {error}). Pass a PIL image, an "

@@ -1,0 +1,140 @@
+"""Inputs that used to be silently wrong (issue 24, first part): now refused early, or read as the user meant.
+
+- an infinite regression label (the weights turned NaN at the first step that read it);
+- a 16-bit grayscale image (PIL's ``convert("RGB")`` clipped it: the model saw another picture);
+- a model folder that asks to run its own code (``auto_map``): transformers prompted on the terminal.
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset, Features, Image, Value
+from PIL import Image as PILImage
+
+from hf_tlmtl import TaskSpec, TimmMultiTaskModel
+from hf_tlmtl.data import prepare_dataset
+from hf_tlmtl.hub.pipeline import read_image
+
+from recipe_utils import FINETUNE, PREDICT, TINY, recipe_env
+
+
+def _model(tasks: list[TaskSpec]) -> TimmMultiTaskModel:
+    return TimmMultiTaskModel.from_backbone("test_resnet", tasks, image_size=32)
+
+
+# ---------------------------------------------------------------------------- non-finite labels
+@pytest.mark.parametrize(
+    ("task", "values", "row", "shown"),
+    [
+        (TaskSpec(name="age", type="regression"), [1.0, float("nan"), float("inf"), 2.0], 2, "inf"),
+        (TaskSpec(name="box", type="regression", num_labels=2), [[1.0, 2.0], [3.0, float("-inf")], [0.0, 0.0]], 1, "-inf"),
+        (TaskSpec(name="attrs", type="multilabel", labels=["a", "b"]), [[1.0, 0.0], [0.0, 1.0], [float("inf"), 1.0]], 2, "inf"),
+    ],
+)
+def test_an_infinite_label_is_refused_naming_the_task_column_and_row(task, values, row, shown):
+    images = [PILImage.new("RGB", (32, 32))] * len(values)
+    ds = Dataset.from_dict({"image": images, task.name: values})
+    with pytest.raises(ValueError, match=rf"Task '{task.name}' \(column '{task.name}'\): row {row} holds {shown} \(1 infinite value"):
+        prepare_dataset(ds, _model([task]).config, train=False)
+
+
+def test_nan_stays_a_missing_label():
+    task = TaskSpec(name="age", type="regression")
+    ds = Dataset.from_dict({"image": [PILImage.new("RGB", (32, 32))] * 3, "age": [1.0, float("nan"), 2.0]})
+    rows = prepare_dataset(ds, _model([task]).config, train=False)[:]
+    assert torch.isnan(rows["age"]).tolist() == [False, True, False]
+
+
+def test_an_infinite_target_tensor_is_refused_by_the_model():
+    model = _model([TaskSpec(name="age", type="regression")])
+    with pytest.raises(ValueError, match=r"Task 'age': a target is infinite"):
+        model(torch.zeros(2, 3, 32, 32), age=torch.tensor([1.0, float("inf")]))
+
+
+def test_the_recipe_refuses_an_infinite_label_before_training(tmp_path):
+    rows = []
+    for i in range(12):
+        path = tmp_path / f"{i}.png"
+        PILImage.fromarray(np.full((32, 32, 3), 20 * i, dtype=np.uint8)).save(path)
+        rows.append({"path": str(path), "size": "inf" if i == 7 else str(i / 10)})
+    table = tmp_path / "t.csv"
+    with table.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "size"])
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(FINETUNE), *TINY, "--dataset", str(table), "--image_column", "path", "--tasks", "size",
+         "--output_dir", str(out)],
+        cwd=tmp_path, env=recipe_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(errors) == 1 and "Task 'size' (column 'size')" in errors[0] and "infinite" in errors[0]
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- 16-bit images
+def _sixteen_and_eight_bit(tmp_path) -> tuple[str, str]:
+    rng = np.random.default_rng(0)
+    deep = rng.integers(0, 65536, size=(32, 32), dtype=np.uint16)
+    deep_path, shallow_path = tmp_path / "deep.png", tmp_path / "shallow.png"
+    PILImage.fromarray(deep).save(deep_path)
+    PILImage.fromarray(np.rint(deep / 257.0).astype(np.uint8)).save(shallow_path)
+    assert PILImage.open(deep_path).mode.startswith("I")  # really 16 bits on disk
+    return str(deep_path), str(shallow_path)
+
+
+def test_a_16_bit_image_reaches_the_model_as_its_8_bit_picture(tmp_path):
+    deep, shallow = _sixteen_and_eight_bit(tmp_path)
+    task = TaskSpec(name="y", type="regression")
+    ds = Dataset.from_dict({"image": [deep, shallow], "y": [0.0, 0.0]}, features=Features({"image": Image(), "y": Value("float32")}))
+    pixels = prepare_dataset(ds, _model([task]).config, train=False)[:]["pixel_values"]
+    torch.testing.assert_close(pixels[0], pixels[1], rtol=0, atol=0)
+    clipped = np.asarray(PILImage.open(deep).convert("RGB"), dtype=np.float32)  # what PIL alone gives: clipped
+    assert np.abs(clipped - np.asarray(PILImage.open(shallow).convert("RGB"), dtype=np.float32)).max() > 100
+
+
+def test_the_pipeline_reads_a_16_bit_image_as_its_8_bit_picture(tmp_path):
+    deep, shallow = _sixteen_and_eight_bit(tmp_path)
+    assert np.array_equal(np.asarray(read_image(deep)), np.asarray(read_image(shallow)))
+
+
+# ---------------------------------------------------------------------------- remote code
+def _folder_that_asks_to_run_code(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    marker = tmp_path / "code_ran"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    (folder / "config.json").write_text(
+        '{"model_type": "evil_net", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}}'
+    )
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder, marker
+
+
+def test_predict_never_runs_code_from_a_model_folder(tmp_path):
+    folder, marker = _folder_that_asks_to_run_code(tmp_path)
+    image = tmp_path / "x.png"
+    PILImage.new("RGB", (32, 32)).save(image)
+    proc = subprocess.run(
+        [sys.executable, str(PREDICT), "--model", str(folder), "--data", str(image), "--output", str(tmp_path / "p.csv")],
+        cwd=tmp_path, env=recipe_env(tmp_path), capture_output=True, text=True, timeout=300, input="y\n",
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "'evil_net' model, not an hf_tlmtl one" in error[0] and "never runs" in error[0]
+    assert not marker.exists() and not (tmp_path / "p.csv").exists()
+
+
+def test_from_pretrained_refuses_a_folder_of_another_model_type(tmp_path):
+    folder, marker = _folder_that_asks_to_run_code(tmp_path)
+    with pytest.raises(ValueError, match=r"describes a 'evil_net' model, not an hf_tlmtl one"):
+        TimmMultiTaskModel.from_pretrained(folder)
+    assert not marker.exists()
