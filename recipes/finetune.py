@@ -42,6 +42,7 @@ from hf_tlmtl.multitask import baseline_metrics, plot_training_curves  # noqa: E
 from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments  # noqa: E402
 from hf_tlmtl.training.cli import UsageError, parse_run_argv, run_or_exit  # noqa: E402
 from hf_tlmtl.training.final_model import save_final_model  # noqa: E402
+from hf_tlmtl.training.folder_lock import lock_output_dir, unlock_output_dir  # noqa: E402
 from hf_tlmtl.training.model_setup import build_model, override_preprocessing  # noqa: E402
 from hf_tlmtl.training.output_dir import (  # noqa: E402
     CARD_FILE, CURVES_FILE, check_output_dir, check_resume_fits, is_run_entry, removed_if_left_empty, resolve_resume,
@@ -168,6 +169,8 @@ def setup(argv: list[str]) -> Run:
     model_args, data_args, run_args, training_args = parse_run_argv(argv, *ARGUMENT_CLASSES)
 
     # The output folder: an interrupted overwrite put back first; then new, replaced or continued.
+    if training_args.local_process_index == 0:  # one run per output folder: a second one is refused here
+        lock_output_dir(training_args.output_dir)
     restore_interrupted(training_args, is_run_entry)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     check_output_dir(training_args.output_dir, overwrite=run_args.overwrite_output_dir, resume=resume)
@@ -309,7 +312,11 @@ def train_and_save(run: Run) -> dict[str, Any]:
 
 def main(argv: list[str]) -> dict[str, Any]:
     """Set up (bad input: one ``error:`` line, exit code 2, nothing written), then train and save."""
-    return train_and_save(run_or_exit(setup, argv))
+    run = run_or_exit(setup, argv)
+    try:
+        return train_and_save(run)
+    finally:  # the output folder is free for the next run (the process's end would free it too)
+        unlock_output_dir(run.trainer.args.output_dir)
 
 
 if __name__ == "__main__":

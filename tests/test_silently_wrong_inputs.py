@@ -2,12 +2,14 @@
 
 - an infinite regression label (the weights turned NaN at the first step that read it);
 - a 16-bit grayscale image (PIL's ``convert("RGB")`` clipped it: the model saw another picture);
-- a model folder that asks to run its own code (``auto_map``): transformers prompted on the terminal.
+- a model folder that asks to run its own code (``auto_map``): transformers prompted on the terminal;
+- two runs started into one output folder: both finished, one model survived.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 
@@ -20,6 +22,8 @@ from PIL import Image as PILImage
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
 from hf_tlmtl.data import prepare_dataset
 from hf_tlmtl.hub.pipeline import read_image
+from hf_tlmtl.training.cli import UsageError
+from hf_tlmtl.training.folder_lock import lock_output_dir, lock_path, unlock_output_dir
 
 from recipe_utils import FINETUNE, PREDICT, TINY, recipe_env
 
@@ -138,3 +142,39 @@ def test_from_pretrained_refuses_a_folder_of_another_model_type(tmp_path):
     with pytest.raises(ValueError, match=r"describes a 'evil_net' model, not an hf_tlmtl one"):
         TimmMultiTaskModel.from_pretrained(folder)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------- two runs, one folder
+def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_first(tmp_path):
+    out = tmp_path / "out"
+    lock_output_dir(out)  # this test process is "the first run"
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(FINETUNE), *TINY, "--dataset", "shapes", "--n_train", "16", "--n_eval", "8",
+             "--tasks", "shape", "--output_dir", str(out)],
+            cwd=tmp_path, env=recipe_env(tmp_path), capture_output=True, text=True, timeout=300,
+        )
+    finally:
+        unlock_output_dir(out)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(errors) == 1 and "is in use by another run" in errors[0] and f"pid {os.getpid()}" in errors[0]
+    assert not out.exists()
+
+
+def test_a_killed_run_leaves_no_stale_lock(tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from hf_tlmtl.training.folder_lock import lock_output_dir; "
+         f"lock_output_dir({str(out)!r}); print('locked', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True, env=recipe_env(tmp_path),
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UsageError, match=rf"in use by another run \(pid {holder.pid},"):
+            lock_output_dir(out)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock_output_dir(out) == lock_path(out)  # the killed holder's lock went with its process
+    unlock_output_dir(out)
