@@ -3,7 +3,10 @@
 - an infinite regression label (the weights turned NaN at the first step that read it);
 - a 16-bit grayscale image (PIL's ``convert("RGB")`` clipped it: the model saw another picture);
 - a model folder that asks to run its own code (``auto_map``): transformers prompted on the terminal;
-- two runs started into one output folder: both finished, one model survived.
+- two runs started into one output folder: both finished, one model survived;
+- a table whose format hides what a column is: whole numbers with a blank cell (read as floats, guessed
+  regression), an integer column left out of the inferred tasks without a word, a header naming a column
+  twice (trained as ``color.1``), numbers with a decimal comma (dropped).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
 from hf_tlmtl import TaskSpec, TimmMultiTaskModel
-from hf_tlmtl.data import prepare_dataset
+from hf_tlmtl.data import load_image_dataset, prepare_dataset, resolve_tasks
 from hf_tlmtl.hub.pipeline import read_image
 from hf_tlmtl.training.cli import UsageError
 from hf_tlmtl.training.folder_lock import lock_output_dir, lock_path, unlock_output_dir
@@ -178,3 +181,44 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path):
         holder.wait()
     assert lock_output_dir(out) == lock_path(out)  # the killed holder's lock went with its process
     unlock_output_dir(out)
+
+
+# ---------------------------------------------------------------------------- what a table's columns are
+def _table(tmp_path, header: list[str], rows: list[list]) -> str:
+    for i in range(len(rows)):
+        PILImage.new("RGB", (8, 8), (20 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    path = tmp_path / "t.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows([[f"{i}.png", *row] for i, row in enumerate(rows)])
+    return str(path)
+
+
+def test_whole_numbers_with_an_empty_cell_are_not_guessed_to_be_a_regression(tmp_path):
+    table = _table(tmp_path, ["path", "cls", "size"], [[0, 0.1], [1, 0.2], ["", 0.3], [2, 0.4], [1, 0.5], [0, 0.6]])
+    data = load_image_dataset(table, image_column="path")
+    with pytest.raises(ValueError, match=r"Column 'cls' holds whole numbers and 1 empty cell\(s\).*--tasks cls:classification"):
+        resolve_tasks(data, None, image_column="path")
+    data, tasks = resolve_tasks(data, "cls:classification:3,size", image_column="path")  # stated: as the user says
+    assert [(t.name, t.type) for t in tasks] == [("cls", "classification"), ("size", "regression")]
+
+
+def test_an_integer_column_left_out_of_the_inferred_tasks_is_named(tmp_path, caplog):
+    table = _table(tmp_path, ["path", "cls", "size"], [[i % 3, i / 10] for i in range(6)])
+    with caplog.at_level("WARNING", logger="hf_tlmtl.data.task_columns"):
+        _, tasks = resolve_tasks(load_image_dataset(table, image_column="path"), None, image_column="path")
+    assert [t.name for t in tasks] == ["size"]
+    assert "Integer column(s) ['cls'] left out of the inferred tasks" in caplog.text and "--tasks cls:classification" in caplog.text
+
+
+def test_a_column_named_twice_in_the_header_is_refused(tmp_path):
+    table = _table(tmp_path, ["path", "color", "color"], [["red", "x"], ["blue", "y"]] * 3)
+    with pytest.raises(ValueError, match=r"t\.csv: column 'color' appears twice in the header \(columns 2 and 3\)"):
+        load_image_dataset(table, image_column="path")
+
+
+def test_numbers_with_a_decimal_comma_are_not_dropped_without_a_word(tmp_path):
+    table = _table(tmp_path, ["path", "size", "kind"], [[f"{i},5", "ab"[i % 2]] for i in range(6)])
+    with pytest.raises(ValueError, match=r"Column 'size' holds numbers written with a decimal comma"):
+        resolve_tasks(load_image_dataset(table, image_column="path"), None, image_column="path")

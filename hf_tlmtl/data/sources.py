@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import csv
 import io
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,8 @@ def load_table(path: str | Path, image_column: str = "image", verify_images: boo
     path = Path(path)
     builder = TABLE_FORMATS[path.suffix.lower()]
     kwargs = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
+    if builder == "csv":
+        _check_header(path, kwargs.get("sep", ","))
     try:
         table = datasets.load_dataset(builder, data_files={"train": str(path)}, download_config=_LOCAL_FILES, **kwargs)["train"]
     except Exception as e:  # noqa: BLE001 - parse errors of the file
@@ -214,6 +217,20 @@ def load_table(path: str | Path, image_column: str = "image", verify_images: boo
     if verify_images:
         _verify_images(table, image_column, where=f" of {path.name}")
     return table.cast_column(image_column, datasets.Image())
+
+
+def _check_header(path: Path, separator: str) -> None:
+    """A column named twice in a CSV header: pandas would rename the second one (``color.1``) and train it."""
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        header = next(csv.reader(f, delimiter=separator), [])
+    seen: dict[str, int] = {}
+    for position, name in enumerate(header, start=1):
+        if name in seen:
+            raise ValueError(
+                f"{path.name}: column {name!r} appears twice in the header (columns {seen[name]} and {position}); "
+                "give each column its own name."
+            )
+        seen[name] = position
 
 
 def _verify_images(dataset: Dataset, image_column: str, where: str) -> None:

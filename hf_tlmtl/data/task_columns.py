@@ -27,9 +27,12 @@ from typing import Any, Iterable, Sequence
 import datasets
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from transformers.utils import logging
 
 from ..tasks import IGNORE_INDEX, TASK_TYPES, TaskSpec
 from .labels import INT_DTYPES, STRING_DTYPES
+
+logger = logging.get_logger(__name__)
 
 
 def parse_task_arg(spec: str | Sequence[str | dict[str, Any]]) -> list[dict[str, Any]]:
@@ -182,7 +185,15 @@ def resolve_tasks(
     """
     columns = [c for c in data["train"].column_names if c != image_column]
     if tasks is None or (isinstance(tasks, str) and not tasks.strip()):
+        for column in columns:
+            _refuse_ambiguous(data, column)
         requests = [{"name": _task_name(c), "column": _column_if_renamed(c)} for c in columns if _candidate(data, c)]
+        left_out = [c for c in columns if not _candidate(data, c) and _is_ints(data["train"].features[c])]
+        if left_out:
+            logger.warning(
+                "Integer column(s) %s left out of the inferred tasks: class indices and ids look the same. To train on "
+                "one, state it: --tasks %s:classification:NUM_CLASSES (or :regression).", left_out, left_out[0],
+            )
         if not requests:
             infer_tasks(data["train"].features, image_column)  # raises the "no task columns" error
         inferred = True
@@ -211,6 +222,39 @@ def _candidate(data: DatasetDict, column: str) -> bool:
         distinct = {v for v in flat if v is not None}
         return 2 <= len(distinct) <= max(2, len(values) // 2)
     return False
+
+
+def _is_ints(feature: Any) -> bool:
+    return isinstance(feature, Value) and feature.dtype in INT_DTYPES
+
+
+_DECIMAL_COMMA = re.compile(r"^\s*-?\d+,\d+\s*$")
+
+
+def _refuse_ambiguous(data: DatasetDict, column: str) -> None:
+    """Inference refuses to guess what a column is when the file's format hid it:
+
+    - whole numbers with empty cells: a CSV reader makes them floats, so they would look like a regression
+      target although they are most often class indices;
+    - numbers written with a decimal comma (``1,5``): read as text, they would be dropped or taken as class names.
+    """
+    feature = data["train"].features[column]
+    if isinstance(feature, Value) and feature.dtype in ("float16", "float32", "float64"):
+        values = np.asarray([v for split in data.values() for v in split[column]], dtype=np.float64)
+        present = values[~np.isnan(values)]
+        if present.size and present.size < values.size and np.all(present == np.round(present)):
+            raise ValueError(
+                f"Column {column!r} holds whole numbers and {values.size - present.size} empty cell(s): class indices or a "
+                f"number to regress? State it: --tasks {column}:classification:NUM_CLASSES (empty = no label) or "
+                f"{column}:regression."
+            )
+    if _is_strings(feature):
+        values = [v for v in _all_values(data, column) if v is not None]
+        if values and all(_DECIMAL_COMMA.match(v) for v in values):
+            raise ValueError(
+                f"Column {column!r} holds numbers written with a decimal comma ({values[0]!r}); write them with a decimal "
+                f"point, or convert the column (float(value.replace(',', '.'))) and state it: --tasks {column}:regression."
+            )
 
 
 def _is_strings(feature: Any) -> bool:
