@@ -222,3 +222,45 @@ def test_numbers_with_a_decimal_comma_are_not_dropped_without_a_word(tmp_path):
     table = _table(tmp_path, ["path", "size", "kind"], [[f"{i},5", "ab"[i % 2]] for i in range(6)])
     with pytest.raises(ValueError, match=r"Column 'size' holds numbers written with a decimal comma"):
         resolve_tasks(load_image_dataset(table, image_column="path"), None, image_column="path")
+
+
+# ---------------------------------------------------------------------------- a checkpoint cut short
+def test_a_checkpoint_cut_short_is_never_resumed_and_the_previous_one_is_kept(tmp_path, monkeypatch):
+    """The kill is injected at the exact point: after the Trainer's files, before the balancer state (its last file)."""
+    from hf_tlmtl.training import MultiTaskTrainer, MultiTaskTrainingArguments
+    from hf_tlmtl.training import trainer as trainer_module
+    from hf_tlmtl.training.output_dir import complete_checkpoints, resolve_resume
+
+    task = TaskSpec(name="y", type="regression")
+    rows = Dataset.from_dict({"image": [PILImage.new("RGB", (32, 32), (i, 0, 0)) for i in range(8)], "y": [i / 8 for i in range(8)]})
+    model = _model([task])
+    args = MultiTaskTrainingArguments(
+        output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, max_steps=2, save_steps=1, save_total_limit=1,
+        per_device_train_batch_size=4, loss_balancing="uncertainty",
+    )
+    saved = trainer_module.save_balancer_state
+    calls = []
+
+    def killed_on_the_second_checkpoint(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed while writing checkpoint-2")
+        return saved(*a, **k)
+
+    monkeypatch.setattr(trainer_module, "save_balancer_state", killed_on_the_second_checkpoint)
+    trainer = MultiTaskTrainer(model=model, args=args, train_dataset=prepare_dataset(rows, model.config, train=False))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    out = tmp_path / "out"
+    first, second = out / "checkpoint-1", out / "checkpoint-2"
+    assert (second / "trainer_state.json").is_file()  # looks complete to the Trainer ...
+    assert (first / "balancer_state.json").is_file()  # ... and save_total_limit=1 did not remove the complete one
+    assert complete_checkpoints(out) == [first]
+    assert resolve_resume("true", out) == str(first)
+    with pytest.raises(UsageError, match=r"checkpoint-2' is incomplete \(no balancer_state.json"):
+        resolve_resume(str(second), out)
+    monkeypatch.setattr(trainer_module, "save_balancer_state", saved)
+    with pytest.raises(ValueError, match=r"checkpoint-2 is incomplete: it has no balancer_state.json"):
+        MultiTaskTrainer(model=_model([task]), args=args, train_dataset=prepare_dataset(rows, model.config, train=False)).train(
+            resume_from_checkpoint=str(second)
+        )

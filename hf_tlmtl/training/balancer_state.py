@@ -46,8 +46,11 @@ def save_balancer_state(balancer: LossBalancer, directory: str | os.PathLike, ex
     if tensors:
         save_file(tensors, os.path.join(directory, BALANCER_WEIGHTS_NAME))
     state = {"method": balancer.name, "tasks": balancer.task_names, "state": balancer.json_state(), **(extra or {})}
-    with open(os.path.join(directory, BALANCER_STATE_NAME), "w") as f:
+    # Written whole or not at all (a temporary file renamed): its presence marks a checkpoint complete.
+    path = os.path.join(directory, BALANCER_STATE_NAME)
+    with open(f"{path}.tmp", "w") as f:
         json.dump(state, f, indent=2)
+    os.replace(f"{path}.tmp", path)
 
 
 def load_balancer_state(balancer: LossBalancer, directory: str | os.PathLike) -> dict[str, Any] | None:

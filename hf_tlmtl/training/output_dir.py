@@ -18,6 +18,7 @@ Example:
     >>> out = Path(tempfile.mkdtemp())
     >>> _ = (out / "notes.txt").write_text("mine")
     >>> (out / "checkpoint-4").mkdir(); _ = (out / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    >>> _ = (out / "checkpoint-4" / "balancer_state.json").write_text("{}")  # written last: the checkpoint is complete
     >>> [(p.name, is_run_entry(p)) for p in sorted(out.iterdir())]
     [('checkpoint-4', True), ('notes.txt', False)]
     >>> resolve_resume("true", out) == str(out / "checkpoint-4")
@@ -42,6 +43,7 @@ from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checkpoints import checkpoint_mismatch
+from .balancer_state import BALANCER_STATE_NAME
 from .cli import UsageError
 
 SUMMARY_FILE = "training_summary.json"
@@ -71,7 +73,8 @@ def is_run_entry(path: Path) -> bool:
 
 
 def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """The complete ``checkpoint-*`` folders of ``output_dir`` (the Trainer writes ``trainer_state.json`` last), newest first.
+    """The complete ``checkpoint-*`` folders of ``output_dir``, newest first: those with ``balancer_state.json``,
+    which :class:`~hf_tlmtl.training.MultiTaskTrainer` writes last (after the Trainer's ``trainer_state.json``).
 
     >>> complete_checkpoints("/no/such/folder")
     []
@@ -79,7 +82,7 @@ def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     found = []
     for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
         match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", path.name)
-        if match and path.is_dir() and (path / "trainer_state.json").is_file():
+        if match and path.is_dir() and (path / "trainer_state.json").is_file() and (path / BALANCER_STATE_NAME).is_file():
             found.append((int(match.group(1)), path))
     return [path for _, path in sorted(found, reverse=True)]
 
@@ -106,6 +109,12 @@ def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> str | No
     path = Path(value)
     if not (path / "trainer_state.json").is_file():
         raise UsageError(f"--resume_from_checkpoint {value!r} is not a complete Trainer checkpoint (no trainer_state.json)")
+    if not (path / BALANCER_STATE_NAME).is_file():
+        raise UsageError(
+            f"--resume_from_checkpoint {value!r} is incomplete (no {BALANCER_STATE_NAME}, written last: the run stopped "
+            "while writing it); resume from the checkpoint before it, or pass --resume_from_checkpoint true for the "
+            "newest complete one"
+        )
     return str(path)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -42,6 +42,7 @@ from ..transfer.unfreezing import GradualUnfreezeCallback
 from .arguments import MultiTaskTrainingArguments
 from .balancer_state import (
     BALANCER_OPTIMIZER_NAME,
+    BALANCER_STATE_NAME,
     balancer_param_group,
     load_balancer_optimizer_state,
     load_balancer_state,
@@ -498,27 +499,41 @@ class MultiTaskTrainer(Trainer):
             )
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        """Also writes the balancer's state (``balancer.safetensors`` + ``balancer_state.json``)."""
-        super()._save_checkpoint(model, trial)
+        """Also writes the balancer's state (``balancer.safetensors`` + ``balancer_state.json``), last.
+
+        ``balancer_state.json`` is the checkpoint's last file, written atomically: a checkpoint is complete when it
+        is there (:func:`hf_tlmtl.training.output_dir.complete_checkpoints`). ``save_total_limit`` removes older
+        checkpoints only after that, so a run killed while writing one still has the previous one to resume from.
+        """
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # the Trainer would rotate before the balancer state is written
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            run_dir = self._get_output_dir(trial=trial)
+            folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             epoch_losses = {
                 name: [float(total), self._epoch_loss_counts[name]] for name, total in self._epoch_loss_sums.items()
             }
             extra = {"epoch": self.state.epoch, "epochs_closed": self._epochs_closed, "epoch_task_losses": epoch_losses}
             save_balancer_state(self.balancer, folder, extra=extra)
+            rotate_checkpoints(
+                output_dir=run_dir, save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         """Restores the balancer in place (its parameters stay the ones the optimizer holds)."""
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         state = load_balancer_state(self.balancer, resume_from_checkpoint)
         if state is None:
-            if list(self.balancer.parameters()) or self.balancer.json_state():
-                logger.warning(
-                    f"{resume_from_checkpoint} has no balancer state; loss_balancing={self.args.loss_balancing!r} "
-                    "starts from its initial state."
-                )
-            return
+            raise ValueError(
+                f"{resume_from_checkpoint} is incomplete: it has no {BALANCER_STATE_NAME}, which a MultiTaskTrainer "
+                "checkpoint gets last (the run stopped while writing it, or another trainer wrote it). Resume from the "
+                "checkpoint before it, which is kept until a newer one is complete."
+            )
         self._epoch_loss_sums.clear()
         self._epoch_loss_counts.clear()
         for name, (total, count) in state.get("epoch_task_losses", {}).items():
