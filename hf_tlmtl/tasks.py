@@ -115,10 +115,15 @@ class TaskSpec:
                     f"Task {self.name!r} ({self.type}) needs its classes: pass labels=[...] "
                     "(class names) or num_labels=N."
                 )
+        if isinstance(self.num_labels, bool) or not float(self.num_labels).is_integer():
+            raise ValueError(f"Task {self.name!r}: num_labels must be a whole number, got {self.num_labels!r}.")
         self.num_labels = int(self.num_labels)
         if self.num_labels < 1 or (self.type == "classification" and self.num_labels < 2):
             minimum = 2 if self.type == "classification" else 1
             raise ValueError(f"Task {self.name!r}: needs at least {minimum} outputs, got {self.num_labels}.")
+        self.label_smoothing = float(self.label_smoothing)
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"Task {self.name!r}: label_smoothing must be in [0, 1), got {self.label_smoothing}.")
         self.weight = float(self.weight)
         if not math.isfinite(self.weight) or self.weight < 0:
             raise ValueError(f"Task {self.name!r}: weight must be a finite number >= 0, got {self.weight}.")

@@ -37,6 +37,7 @@ from hf_tlmtl.checkpoints import check_model_folder
 from hf_tlmtl.hub.pipeline import DEFAULT_BATCH_SIZE, PIPELINE_TASK
 from hf_tlmtl.data import TABLE_FORMATS, embedded_dataset_names, load_image_dataset, load_table
 from hf_tlmtl.tasks import TaskSpec
+from hf_tlmtl.training.output_dir import unwritable
 
 OUTPUT_FORMATS = (".csv", ".json", ".jsonl")
 
@@ -153,8 +154,13 @@ def predict(args: PredictArguments) -> list[dict[str, Any]]:
     output = Path(args.output)
     if output.suffix.lower() not in OUTPUT_FORMATS:
         raise UsageError(f"--output {args.output!r} must end in {', '.join(OUTPUT_FORMATS)}")
+    if output.is_dir():
+        raise UsageError(f"--output {args.output!r} is a folder; pass a file path such as {str(output / 'predictions.csv')!r}")
     if output.exists() and not args.overwrite:
         raise UsageError(f"--output {args.output!r} exists; pass --overwrite true to replace it")
+    reason = unwritable(output)
+    if reason:
+        raise UsageError(f"--output {args.output!r} cannot be written: {reason}; pass another path")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
     if not 0.0 < args.threshold < 1.0:

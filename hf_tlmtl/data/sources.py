@@ -188,7 +188,7 @@ def load_table(path: str | Path, image_column: str = "image", verify_images: boo
     builder = TABLE_FORMATS[path.suffix.lower()]
     kwargs = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
     if builder == "csv":
-        _check_header(path, kwargs.get("sep", ","))
+        _check_csv(path, kwargs.get("sep", ","))
     try:
         table = datasets.load_dataset(builder, data_files={"train": str(path)}, download_config=_LOCAL_FILES, **kwargs)["train"]
     except Exception as e:  # noqa: BLE001 - parse errors of the file
@@ -219,13 +219,25 @@ def load_table(path: str | Path, image_column: str = "image", verify_images: boo
     return table.cast_column(image_column, datasets.Image())
 
 
-def _check_header(path: Path, separator: str) -> None:
-    """A column named twice in a CSV header: pandas would rename the second one (``color.1``) and train it."""
-    with path.open(newline="", encoding="utf-8", errors="replace") as f:
-        header = next(csv.reader(f, delimiter=separator), [])
+def _check_csv(path: Path, separator: str) -> None:
+    """What datasets' CSV reader would report as a generation error, or read wrongly: said with the file's name."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path.name} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save it as UTF-8 "
+            "(spreadsheet programs: CSV UTF-8)."
+        ) from None
+    rows = [row for row in csv.reader(text.splitlines(), delimiter=separator) if any(cell.strip() for cell in row)]
+    if not rows:
+        raise ValueError(f"{path.name} is empty; it needs a header line and one row per image.")
+    if len(rows) == 1:
+        raise ValueError(f"{path.name} has a header ({separator.join(rows[0])}) but no rows; add one row per image.")
     seen: dict[str, int] = {}
-    for position, name in enumerate(header, start=1):
+    for position, name in enumerate(rows[0], start=1):
         if name in seen:
+            # pandas would rename the second one (color.1) and it would be trained as a task of its own
             raise ValueError(
                 f"{path.name}: column {name!r} appears twice in the header (columns {seen[name]} and {position}); "
                 "give each column its own name."

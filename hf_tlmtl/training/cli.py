@@ -14,7 +14,7 @@ import json
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import yaml
@@ -148,6 +148,21 @@ def reject_unknown(remaining: list[str], known: Iterable[str], *, option: bool =
     raise UsageError(f"unknown argument {shown}{did_you_mean(first, known, option=option, fallback=fallback)}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML would keep the last, silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1}); keep one", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def yaml_to_argv(config_path: str | Path, parser: HfArgumentParser, *more_parsers: HfArgumentParser) -> list[str]:
     """The YAML file as ``--key value`` strings, for the parser(s) to convert types and for
     command-line values placed after them to win.
@@ -177,7 +192,7 @@ def yaml_to_argv(config_path: str | Path, parser: HfArgumentParser, *more_parser
     if not config_path.is_file():
         raise UsageError(f"config file {str(config_path)!r} not found")
     try:
-        values = yaml.safe_load(config_path.read_text()) or {}
+        values = yaml.load(config_path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise UsageError(f"{config_path.name} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(values, dict):
@@ -193,6 +208,11 @@ def yaml_to_argv(config_path: str | Path, parser: HfArgumentParser, *more_parser
             raise UsageError(f"{config_path.name}: unknown key {key!r}{hint}")
         if value is None:
             continue
+        if isinstance(value, dict) and key == "tasks":
+            raise UsageError(
+                f"{config_path.name}: tasks is a list of task specs (tasks: [shape, 'age:regression'] or "
+                "tasks: shape,age:regression), not a mapping"
+            )
         if isinstance(value, (list, tuple)) and action.nargs in ("+", "*"):
             argv += [option, *(str(v) for v in value)]
         elif isinstance(value, (list, tuple, dict)):

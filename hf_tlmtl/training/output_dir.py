@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -118,11 +119,36 @@ def resolve_resume(value: str | None, output_dir: str | os.PathLike) -> str | No
     return str(path)
 
 
+def unwritable(path: str | os.PathLike) -> str | None:
+    """Why nothing can be created at ``path`` (a folder or file to come), or None: a file is made and removed in its
+    nearest existing folder, which also catches read-only file systems (where permission bits say nothing to root).
+
+    Example:
+        >>> import tempfile
+        >>> unwritable(Path(tempfile.mkdtemp()) / "new" / "run") is None, unwritable("/proc/hf_tlmtl/run") is not None
+        (True, True)
+    """
+    folder = Path(path).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is a file"
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".hf_tlmtl-write-check-"):
+            pass
+    except OSError as e:
+        return f"{folder} is not writable ({e.strerror or type(e).__name__})"
+    return None
+
+
 def check_output_dir(output_dir: str | os.PathLike, *, overwrite: bool, resume: str | None) -> None:
     """``output_dir`` is new or empty, or this run replaces it (``overwrite``) or continues it (``resume``)."""
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"output_dir {str(out)!r} is a file; pass a folder")
+    reason = unwritable(out)
+    if reason:
+        raise UsageError(f"output_dir {str(out)!r} cannot be written: {reason}; pass another --output_dir")
     if out.is_dir() and any(out.iterdir()) and not overwrite and resume is None:
         raise UsageError(
             f"output_dir {str(out)!r} exists and is not empty; pass --overwrite_output_dir true to replace it, "

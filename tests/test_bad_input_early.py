@@ -1,0 +1,102 @@
+"""Inputs that failed late or with a library's own message (issue 24, second part): refused early, in one line.
+
+Each case here used to surface at the first training step, after every prediction was computed, or as a
+``datasets`` generation error; now it is a ``ValueError`` / ``UsageError`` naming the input and the fix,
+raised before anything is read or written (the recipes print it as one ``error:`` line and exit 2).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_tlmtl import TaskSpec
+from hf_tlmtl.data import load_table
+from hf_tlmtl.training import MultiTaskTrainingArguments
+from hf_tlmtl.training.cli import UsageError, build_parser, yaml_to_argv
+from hf_tlmtl.training.output_dir import check_output_dir
+
+from recipe_utils import FINETUNE, PREDICT, TINY, recipe_env
+
+READ_ONLY = Path("/proc/hf_tlmtl_cannot_write_here")  # a read-only file system: refused even to root
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_labels": 2.7}, r"num_labels must be a whole number, got 2\.7"),
+        ({"num_labels": 3, "label_smoothing": 1.5}, r"label_smoothing must be in \[0, 1\), got 1\.5"),
+        ({"num_labels": 3, "label_smoothing": -0.1}, r"label_smoothing must be in \[0, 1\)"),
+    ],
+)
+def test_task_specs_refuse_what_torch_would_refuse_at_the_first_step(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TaskSpec(name="c", type="classification", **kwargs)
+
+
+def test_whole_float_class_counts_still_work():
+    assert TaskSpec(name="c", type="classification", num_labels=3.0).num_labels == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("backbone: a\nlearning_rate: 0.1\nbackbone: b\n", r"key 'backbone' is given twice \(line 3\)"),
+        ("tasks:\n  shape: classification\n", r"tasks is a list of task specs .* not a mapping"),
+    ],
+)
+def test_yaml_that_would_be_read_wrongly_is_refused(tmp_path, text, message):
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Run:
+        backbone: str = "x"
+        tasks: str | None = None
+
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    with pytest.raises(UsageError, match=message):
+        yaml_to_argv(config, build_parser(Run, MultiTaskTrainingArguments))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", r"t\.csv is empty"),
+        (b"path,size\n", r"t\.csv has a header \(path,size\) but no rows"),
+        ("path,größe\na.png,1\n".encode("latin-1"), r"t\.csv is not UTF-8 text \(byte 0xf6 at offset 7\)"),
+    ],
+)
+def test_tables_datasets_cannot_read_are_named(tmp_path, content, message):
+    table = tmp_path / "t.csv"
+    table.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        load_table(table, image_column="path")
+
+
+def test_an_unwritable_output_dir_is_refused_before_the_run(tmp_path):
+    with pytest.raises(UsageError, match=r"cannot be written: /proc is not writable"):
+        check_output_dir(READ_ONLY / "run", overwrite=False, resume=None)
+    proc = subprocess.run(
+        [sys.executable, str(FINETUNE), *TINY, "--dataset", "shapes", "--n_train", "16", "--n_eval", "8",
+         "--tasks", "shape", "--output_dir", str(READ_ONLY / "run")],
+        cwd=tmp_path, env=recipe_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "cannot be written" in errors[0], proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("output", "message"), [("folder", "is a folder; pass a file path"), ("ro", "cannot be written")])
+def test_predict_refuses_an_output_it_cannot_write_before_predicting(tmp_path, output, message):
+    target = tmp_path / "preds.csv" if output == "folder" else READ_ONLY / "p.csv"
+    if output == "folder":
+        target.mkdir()  # a folder with a file's name
+    proc = subprocess.run(
+        [sys.executable, str(PREDICT), "--model", str(tmp_path / "no_model"), "--data", str(tmp_path), "--output", str(target)],
+        cwd=tmp_path, env=recipe_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
