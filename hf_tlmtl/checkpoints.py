@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .backbone.unwrap import is_peft_model, unwrap
 
@@ -82,7 +82,18 @@ def check_model_folder(folder: str | os.PathLike, what: str = "", allow_pickle: 
                 f"{prefix}{folder / CONFIG_NAME} describes a {model_type!r} model, not an hf_tlmtl one (model_type "
                 f"{MODEL_TYPE!r}).{code} Pass a folder written by save_pretrained / recipes/finetune.py."
             )
-    if any((folder / name).is_file() for name in SAFE_WEIGHTS) or allow_pickle:
+    if (folder / SAFE_WEIGHTS[0]).is_file():
+        safetensors_shapes([folder / SAFE_WEIGHTS[0]])  # a damaged file is named now, not by the loader
+        return
+    if (folder / SAFE_WEIGHTS[1]).is_file():
+        index = read_json(folder / SAFE_WEIGHTS[1], what)
+        shards = sorted({folder / shard for shard in index.get("weight_map", {}).values()})
+        missing = [shard.name for shard in shards if not shard.is_file()]
+        if missing:
+            raise ValueError(f"{prefix}{folder / SAFE_WEIGHTS[1]} names weight files that are not there: {missing}; copy them too")
+        safetensors_shapes(shards)
+        return
+    if allow_pickle:
         return
     pickles = sorted(p.name for p in folder.glob("pytorch_model*.bin")) + [n for n in PICKLE_WEIGHTS[1:] if (folder / n).is_file()]
     if pickles:
@@ -124,26 +135,46 @@ def backbone_load_error(source: Any, model: Any, loading_info: dict[str, Any]) -
     )
 
 
-def _safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+def safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in safetensors ``files``, read from their headers (no tensor is loaded).
 
+    A damaged file (cut short, or a header that does not describe the file) is a ``ValueError`` naming it.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> path = Path(tempfile.mkdtemp()) / "model.safetensors"
+        >>> save_file({"w": torch.zeros(3, 2)}, path)
+        >>> safetensors_shapes([path])
+        {'w': (3, 2)}
+        >>> _ = path.write_bytes(path.read_bytes()[:-4])
+        >>> safetensors_shapes([path])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: .../model.safetensors is damaged (incomplete metadata, file not fully covered): it was cut short or overwritten; save or copy it again.
+    """
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                shapes[key] = tuple(f.get_slice(key).get_shape())
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except SafetensorError as e:
+            reason = str(e).removeprefix("Error while deserializing header: ")
+            raise ValueError(f"{file} is damaged ({reason}): it was cut short or overwritten; save or copy it again.") from None
     return shapes
 
 
 def _checkpoint_weights(checkpoint: Path) -> tuple[str, dict[str, tuple[int, ...]]] | None:
     """(kind, name -> shape) of the weights in a Trainer checkpoint: ``model`` or ``adapter``."""
     if (checkpoint / SAFE_WEIGHTS[0]).is_file():
-        return "model", _safetensors_shapes([checkpoint / SAFE_WEIGHTS[0]])
+        return "model", safetensors_shapes([checkpoint / SAFE_WEIGHTS[0]])
     if (checkpoint / SAFE_WEIGHTS[1]).is_file():
         index = read_json(checkpoint / SAFE_WEIGHTS[1])
         shards = sorted({checkpoint / name for name in index.get("weight_map", {}).values()})
-        return "model", _safetensors_shapes(shards)
+        return "model", safetensors_shapes(shards)
     if (checkpoint / ADAPTER_WEIGHTS).is_file():
-        return "adapter", _safetensors_shapes([checkpoint / ADAPTER_WEIGHTS])
+        return "adapter", safetensors_shapes([checkpoint / ADAPTER_WEIGHTS])
     return None
 
 

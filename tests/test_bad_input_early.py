@@ -100,3 +100,22 @@ def test_predict_refuses_an_output_it_cannot_write_before_predicting(tmp_path, o
     )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda data: data[:-64], "incomplete metadata, file not fully covered"),
+        (lambda data: (10**15).to_bytes(8, "little") + data[8:], "header too large"),
+        (lambda data: data[:5], "header too small"),
+    ],
+)
+def test_a_damaged_model_file_is_named_before_loading(tmp_path, damage, message):
+    from hf_tlmtl import TimmMultiTaskModel
+
+    model = TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")], image_size=32)
+    model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    with pytest.raises(ValueError, match=rf"model\.safetensors is damaged \({message}\).*save or copy it again"):
+        TimmMultiTaskModel.from_pretrained(tmp_path / "m")
