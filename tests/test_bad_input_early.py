@@ -119,3 +119,15 @@ def test_a_damaged_model_file_is_named_before_loading(tmp_path, damage, message)
     weights.write_bytes(damage(weights.read_bytes()))
     with pytest.raises(ValueError, match=rf"model\.safetensors is damaged \({message}\).*save or copy it again"):
         TimmMultiTaskModel.from_pretrained(tmp_path / "m")
+
+
+def test_score_transferability_scores_the_models_tasks_and_takes_a_list_of_names(tmp_path):
+    from hf_tlmtl import TimmMultiTaskModel
+    from hf_tlmtl.data import load_embedded_dataset
+    from hf_tlmtl.transferability import score_transferability
+
+    data = load_embedded_dataset("shapes", n_train=40, n_eval=8, image_size=32)["train"]
+    shape = TaskSpec(name="shape", type="classification", labels=data.features["shape"].names)
+    model = TimmMultiTaskModel.from_backbone("test_resnet", [shape], image_size=32)
+    assert sorted(score_transferability(model, data, cache_dir=str(tmp_path))) == ["shape"]  # not every column
+    assert sorted(score_transferability(model, data, tasks=["color", "scale"], cache_dir=str(tmp_path))) == ["color", "scale"]

@@ -147,10 +147,25 @@ def as_split(dataset: Any) -> Dataset:
     return dataset
 
 
-def resolve_task_specs(dataset: Dataset, tasks: Sequence[TaskSpec | dict[str, Any]] | str | None, image_column: str) -> list[TaskSpec]:
-    """Stated tasks, or tasks inferred from the columns (all typed label columns, or the ones named in ``"a,b"``)."""
-    if tasks is None or isinstance(tasks, str):
-        names = None if tasks is None else [n.strip() for n in tasks.split(",") if n.strip()]
+def resolve_task_specs(
+    dataset: Dataset, tasks: Sequence[TaskSpec | dict[str, Any] | str] | str | None, image_column: str, model: Any = None
+) -> list[TaskSpec]:
+    """The tasks to score: stated ones; the columns named (``"a,b"`` or ``["a", "b"]``), inferred from their features;
+    with ``tasks=None``, ``model``'s own tasks when the dataset has all their columns, else every typed label column.
+
+    Example:
+        >>> from datasets import ClassLabel, Dataset, Features, Value
+        >>> ds = Dataset.from_dict({"image": [], "color": [], "size": []},
+        ...                        features=Features({"image": Value("string"), "color": ClassLabel(names=["r", "g"]), "size": Value("float32")}))
+        >>> [t.name for t in resolve_task_specs(ds, None, "image")], [t.name for t in resolve_task_specs(ds, ["color"], "image")]
+        (['color', 'size'], ['color'])
+    """
+    if tasks is None and model is not None and not isinstance(model, str):
+        own = list(getattr(model.config, "task_specs", None) or [])
+        if own and all(t.source_column in dataset.column_names for t in own):
+            return own
+    if tasks is None or isinstance(tasks, str) or (not isinstance(tasks, dict) and all(isinstance(t, str) for t in tasks)):
+        names = None if tasks is None else [n.strip() for n in (tasks.split(",") if isinstance(tasks, str) else tasks) if n.strip()]
         return infer_tasks(dataset.features, image_column=image_column, names=names)
     return normalize_tasks(tasks)
 
@@ -271,8 +286,9 @@ def score_transferability(
         model: A :class:`~hf_tlmtl.TimmMultiTaskModel`, or a source to load with pretrained weights (a timm
             name, ``hf-hub:``, ``local-dir:``, or a saved hf_tlmtl model folder; see :func:`load_source`).
         dataset: A split, or a DatasetDict (its ``train`` split is scored).
-        tasks: The target tasks; ``None`` infers them from the columns (as the recipes do); a string
-            ``"digit,scale"`` names columns.
+        tasks: The target tasks: ``TaskSpec`` s, or column names (``"digit,scale"`` or ``["digit", "scale"]``) whose
+            features say the task type. ``None``: ``model``'s own tasks when the dataset has their columns, else
+            every typed label column (as the recipes infer them).
         method: ``"logme"`` (default), ``"h_score"`` or ``"leep"``.
         batch_size: Images per backbone forward (progress bar: "Caching backbone features").
         cache_dir: Folder of the feature cache (see :func:`~hf_tlmtl.data.cache_features`).
@@ -294,7 +310,7 @@ def score_transferability(
         ['digit']
     """
     split = as_split(dataset)
-    task_specs = resolve_task_specs(split, tasks, image_column)
+    task_specs = resolve_task_specs(split, tasks, image_column, model)
     check_method(method, task_specs, has_source_classifier=True)  # the classifier itself is checked once loaded
     check_labels(split, task_specs)
     if isinstance(model, str):
