@@ -57,6 +57,12 @@ class TimmMultiTaskImageProcessor(TimmWrapperImageProcessor):
                 "model with TimmMultiTaskModel.from_backbone(...), which resolves it, and use "
                 "TimmMultiTaskImageProcessor.from_config(model.config)."
             )
+        size = data_config["input_size"]
+        if not (isinstance(size, (list, tuple)) and len(size) == 3 and all(isinstance(v, int) and v > 0 for v in size)):
+            raise ValueError(
+                f"data_config['input_size'] must be [channels, height, width] of positive whole numbers, got {size!r}; "
+                "fix preprocessor_config.json (or config.json's data_config), or save the model again."
+            )
         # timm.data.resolve_data_config reads the same keys from a pretrained_cfg as from a data config.
         super().__init__(pretrained_cfg=dict(data_config), architecture=architecture)
 

@@ -131,3 +131,29 @@ def test_score_transferability_scores_the_models_tasks_and_takes_a_list_of_names
     model = TimmMultiTaskModel.from_backbone("test_resnet", [shape], image_size=32)
     assert sorted(score_transferability(model, data, cache_dir=str(tmp_path))) == ["shape"]  # not every column
     assert sorted(score_transferability(model, data, tasks=["color", "scale"], cache_dir=str(tmp_path))) == ["color", "scale"]
+
+
+def test_a_preprocessor_config_with_a_negative_input_size_is_refused_when_loaded(tmp_path):
+    import json
+
+    import transformers
+
+    from hf_tlmtl import TimmMultiTaskModel
+
+    TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")], image_size=32).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    config["data_config"]["input_size"] = [3, -32, 32]
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"input_size'\] must be \[channels, height, width\] of positive whole numbers, got \[3, -32, 32\]"):
+        transformers.AutoImageProcessor.from_pretrained(tmp_path)
+
+
+def test_a_decompression_bomb_is_named_by_the_pipeline_reader(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    from hf_tlmtl.hub.pipeline import read_image
+
+    PILImage.new("RGB", (64, 64)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # 4,096 pixels: over twice the limit, as a real bomb is
+    with pytest.raises(ValueError, match=r"Could not read image .*bomb\.png' \(DecompressionBombError: Image size"):
+        read_image(str(tmp_path / "bomb.png"))

@@ -84,7 +84,7 @@ def read_image(image: Any, mode: str = "RGB", timeout: float | None = None) -> I
         if not isinstance(image, Image.Image):
             raise TypeError("expected a PIL image, a numpy array, a path or a URL")
         return rgb_image(image) if mode == "RGB" else image.convert(mode)
-    except (OSError, ValueError, TypeError, UnidentifiedImageError) as error:
+    except (OSError, ValueError, TypeError, UnidentifiedImageError, Image.DecompressionBombError) as error:
         raise ValueError(
             f"Could not read image {_describe(image)} ({type(error).__name__}: {error}). Pass a PIL image, an "
             "HxWxC uint8 array, the path of an image file (PNG, JPEG, ...) or an http(s) URL."
