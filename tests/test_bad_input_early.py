@@ -157,3 +157,15 @@ def test_a_decompression_bomb_is_named_by_the_pipeline_reader(tmp_path, monkeypa
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # 4,096 pixels: over twice the limit, as a real bomb is
     with pytest.raises(ValueError, match=r"Could not read image .*bomb\.png' \(DecompressionBombError: Image size"):
         read_image(str(tmp_path / "bomb.png"))
+
+
+def test_rank_backbones_checks_every_source_before_scoring_the_first(tmp_path):
+    from hf_tlmtl.data import load_embedded_dataset
+    from hf_tlmtl.transferability import rank_backbones
+
+    data = load_embedded_dataset("digits", n_train=20, n_eval=10, image_size=32)
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"Unknown timm architecture 'resnet_18'.*Close names in timm"):
+        rank_backbones(["test_resnet", "resnet_18"], data, [TaskSpec(name="digit", type="classification", num_labels=10)],
+                       cache_dir=str(cache))
+    assert not cache.exists() or not any(cache.rglob("*.arrow"))  # the first, valid source was not run

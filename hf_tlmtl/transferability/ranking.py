@@ -12,7 +12,7 @@ from datasets import Dataset, DatasetDict
 from torch import nn
 
 from ..tasks import TaskSpec
-from .scoring import as_split, check_method, resolve_task_specs, score_transferability
+from .scoring import as_split, check_method, check_source, resolve_task_specs, score_transferability
 
 
 @dataclass
@@ -78,6 +78,9 @@ def rank_backbones(
     names = [b if isinstance(b, str) else f"{b.config.backbone}#{i}" for i, b in enumerate(backbones)]
     if len(set(names)) != len(names):
         raise ValueError(f"backbones must be distinct; got {names}.")
+    for backbone in backbones:  # every source checked before the first one is scored
+        if isinstance(backbone, str):
+            check_source(backbone)
     split = as_split(dataset)
     task_specs = resolve_task_specs(split, tasks, image_column)
     check_method(method, task_specs, has_source_classifier=True)

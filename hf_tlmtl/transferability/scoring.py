@@ -18,8 +18,11 @@ import torch
 from datasets import Dataset, DatasetDict
 from torch import nn
 
-from ..data.feature_cache import FEATURES_COLUMN, cache_features
+from ..backbone.create import resolve_backbone_source
+from ..checkpoints import check_model_folder
+from ..data.feature_cache import cache_features
 from ..data.labels import encode_labels, plan_label_columns
+from ..data.preparation import FEATURES_COLUMN
 from ..data.task_columns import infer_tasks
 from ..modeling import TimmMultiTaskModel
 from ..tasks import IGNORE_INDEX, TaskSpec, normalize_tasks
@@ -236,9 +239,24 @@ def load_source(
 
 
 def _is_saved_model(path: str) -> bool:
-
     config = Path(path) / "config.json"
     return config.is_file() and json.loads(config.read_text()).get("model_type") == "timm_multitask"
+
+
+def check_source(name: str) -> None:
+    """``ValueError`` now, before any backbone runs, for a source :func:`load_source` could not load: an unknown timm
+    architecture (with close names), a missing ``local-dir:`` checkpoint, a damaged saved model folder.
+
+    Example:
+        >>> check_source("resnet_18")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: Unknown timm architecture 'resnet_18' (timm ...
+    """
+    if Path(name).is_dir() and (Path(name) / "config.json").is_file():
+        check_model_folder(name)
+    else:
+        resolve_backbone_source(name, {})
 
 
 def pooled_features(
