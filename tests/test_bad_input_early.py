@@ -45,7 +45,6 @@ def test_whole_float_class_counts_still_work():
     ("text", "message"),
     [
         ("backbone: a\nlearning_rate: 0.1\nbackbone: b\n", r"key 'backbone' is given twice \(line 3\)"),
-        ("tasks:\n  shape: classification\n", r"tasks is a list of task specs .* not a mapping"),
     ],
 )
 def test_yaml_that_would_be_read_wrongly_is_refused(tmp_path, text, message):
@@ -169,3 +168,20 @@ def test_rank_backbones_checks_every_source_before_scoring_the_first(tmp_path):
         rank_backbones(["test_resnet", "resnet_18"], data, [TaskSpec(name="digit", type="classification", num_labels=10)],
                        cache_dir=str(cache))
     assert not cache.exists() or not any(cache.rglob("*.arrow"))  # the first, valid source was not run
+
+
+def test_a_mapping_given_for_tasks_is_refused_with_the_list_form(tmp_path):
+    from hf_tlmtl.data import parse_task_arg
+
+    for spec in ({"shape": "classification"}, '{"shape": "classification"}'):  # YAML's mapping arrives as JSON
+        with pytest.raises(ValueError, match=r"--tasks is a list of task specs .* not a mapping"):
+            parse_task_arg(spec)
+    config = tmp_path / "run.yaml"
+    config.write_text("tasks:\n  shape: classification\n")
+    proc = subprocess.run(
+        [sys.executable, str(FINETUNE), str(config), *TINY, "--dataset", "shapes", "--n_train", "16", "--n_eval", "8",
+         "--output_dir", str(tmp_path / "out")],
+        cwd=tmp_path, env=recipe_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "not a mapping" in errors[0], proc.stderr[-2000:]

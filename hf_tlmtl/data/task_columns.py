@@ -22,7 +22,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import datasets
 import numpy as np
@@ -49,6 +49,11 @@ def parse_task_arg(spec: str | Sequence[str | dict[str, Any]]) -> list[dict[str,
         >>> parse_task_arg('[{"name": "age", "type": "regression", "weight": 0.5}]')
         [{'name': 'age', 'type': 'regression', 'weight': 0.5}]
     """
+    if isinstance(spec, Mapping) or (isinstance(spec, str) and spec.strip().startswith("{")):
+        raise ValueError(
+            f"--tasks is a list of task specs (tasks: [shape, 'age:regression'] in YAML, or --tasks shape,age:regression), "
+            f"not a mapping: {spec if isinstance(spec, str) else json.dumps(dict(spec))}"
+        )
     if isinstance(spec, str):
         text = spec.strip()
         if text.startswith("["):

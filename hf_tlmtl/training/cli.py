@@ -208,11 +208,6 @@ def yaml_to_argv(config_path: str | Path, parser: HfArgumentParser, *more_parser
             raise UsageError(f"{config_path.name}: unknown key {key!r}{hint}")
         if value is None:
             continue
-        if isinstance(value, dict) and key == "tasks":
-            raise UsageError(
-                f"{config_path.name}: tasks is a list of task specs (tasks: [shape, 'age:regression'] or "
-                "tasks: shape,age:regression), not a mapping"
-            )
         if isinstance(value, (list, tuple)) and action.nargs in ("+", "*"):
             argv += [option, *(str(v) for v in value)]
         elif isinstance(value, (list, tuple, dict)):
