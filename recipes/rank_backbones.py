@@ -4,7 +4,7 @@
 
 Each backbone (a timm name with weights, ``hf-hub:org/name``, ``local-dir:/path``, a saved hf_tlmtl folder,
 or ``imagenet-efficientnet-lite0``, the offline ImageNet source of the ``[study]`` extra) runs once over the
-training images (``--n_train`` of them, a seeded subset); its pooled features are scored against every
+labelled images, every split (nothing is held out: nothing trains; at most ``--n_train`` of them, a seeded subset); its pooled features are scored against every
 task's labels with ``--method`` (LogME by default, see :mod:`hf_tlmtl.transferability`). Nothing trains.
 The table (best first: mean over tasks of the scores min-max normalised across backbones) is printed and
 written to ``--output_dir`` as ``ranking.json`` and ``ranking.md``; an existing ranking is only replaced
@@ -17,6 +17,8 @@ import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from datasets import concatenate_datasets
 
 import hf_tlmtl  # noqa: F401 - registers the Auto classes
 from hf_tlmtl.training.cli import UsageError, build_parser, run_or_exit
@@ -35,7 +37,7 @@ class RankArguments:
     method: str = field(default="logme", metadata={"help": f"One of {list(METHODS)}."})
     image_column: str = field(default="image", metadata={"help": "Column with the images."})
     image_size: int | None = field(default=None, metadata={"help": "Input side for every backbone (default: each one's own)."})
-    n_train: int | None = field(default=1000, metadata={"help": "Score at most this many training images (seeded subset)."})
+    n_train: int | None = field(default=1000, metadata={"help": "Score at most this many images, from every split (seeded subset)."})
     embedded_image_size: int = field(default=64, metadata={"help": "Side of generated embedded images."})
     batch_size: int = field(default=64, metadata={"help": "Images per backbone forward."})
     seed: int = field(default=0, metadata={"help": "Seed of the subset."})
@@ -72,7 +74,8 @@ def main(argv: list[str]) -> list[dict]:
         args.dataset, image_column=args.image_column, n_train=args.n_train, image_size=args.embedded_image_size, seed=args.seed
     )
     data, tasks = resolve_tasks(data, args.tasks, args.image_column)
-    train = data["train"]
+    # Nothing trains here: every labelled row is scored, the validation split (the source's own or the held-out one) too.
+    train = concatenate_datasets([data["train"], data["validation"]])
     if args.n_train is not None and train.num_rows > args.n_train:
         train = train.shuffle(seed=args.seed).select(range(args.n_train))
     check_labels(train, tasks)  # every task scorable: fail before the first backbone runs

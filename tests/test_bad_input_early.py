@@ -185,3 +185,22 @@ def test_a_mapping_given_for_tasks_is_refused_with_the_list_form(tmp_path):
     )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "not a mapping" in errors[0], proc.stderr[-2000:]
+
+
+def test_rank_backbones_scores_every_image_of_a_folder(tmp_path):
+    import json
+
+    from recipe_utils import check_ok, run_script, write_image_folder
+
+    import timm
+
+    folder = write_image_folder(tmp_path / "images", ["a", "b"], per_class=10)
+    timm.models.save_for_hf(timm.create_model("test_resnet"), tmp_path / "source")  # a source with weights, offline
+    proc = run_script(
+        Path(__file__).resolve().parents[1] / "recipes" / "rank_backbones.py",
+        ["--backbones", f"local-dir:{tmp_path / 'source'}", "--dataset", folder, "--image_size", "32",
+         "--output_dir", tmp_path / "rank"],
+        tmp_path,
+    )
+    check_ok(proc)
+    assert json.loads((tmp_path / "rank" / "ranking.json").read_text())["n_images"] == 20  # none held out (was 16)
