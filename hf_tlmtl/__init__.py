@@ -26,8 +26,11 @@ __version__ = "0.1.0"
 
 AutoConfig.register(TimmMultiTaskConfig.model_type, TimmMultiTaskConfig, exist_ok=True)
 AutoModel.register(TimmMultiTaskConfig, TimmMultiTaskModel, exist_ok=True)
+# One processor for both backends transformers asks for: timm's transforms (built on torchvision) take PIL images.
 AutoImageProcessor.register(
-    TimmMultiTaskConfig, image_processor_classes={"pil": TimmMultiTaskImageProcessor}, exist_ok=True
+    TimmMultiTaskConfig,
+    image_processor_classes={"torchvision": TimmMultiTaskImageProcessor, "pil": TimmMultiTaskImageProcessor},
+    exist_ok=True,
 )
 if PIPELINE_TASK not in PIPELINE_REGISTRY.supported_tasks:
     PIPELINE_REGISTRY.register_pipeline(

@@ -204,3 +204,16 @@ def test_rank_backbones_scores_every_image_of_a_folder(tmp_path):
     )
     check_ok(proc)
     assert json.loads((tmp_path / "rank" / "ranking.json").read_text())["n_images"] == 20  # none held out (was 16)
+
+
+def test_autoimageprocessor_loads_without_a_backend_warning(tmp_path):
+    from hf_tlmtl import TimmMultiTaskModel
+
+    TimmMultiTaskModel.from_backbone("test_resnet", [TaskSpec(name="y", type="regression")], image_size=32).save_pretrained(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys, hf_tlmtl, transformers; "
+         f"print(type(transformers.AutoImageProcessor.from_pretrained({str(tmp_path)!r})).__name__)"],
+        env=recipe_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "TimmMultiTaskImageProcessor", proc.stderr[-2000:]
+    assert "backend is not available" not in proc.stderr  # torchvision is installed: nothing to fall back from
