@@ -264,3 +264,14 @@ def test_a_checkpoint_cut_short_is_never_resumed_and_the_previous_one_is_kept(tm
         MultiTaskTrainer(model=_model([task]), args=args, train_dataset=prepare_dataset(rows, model.config, train=False)).train(
             resume_from_checkpoint=str(second)
         )
+
+
+def test_a_column_with_one_class_says_so_and_its_fix_works(tmp_path):
+    table = _table(tmp_path, ["path", "kind"], [["cat"]] * 6)
+    data = load_image_dataset(table, image_column="path")
+    with pytest.raises(ValueError, match=r"Column 'kind' holds one value \('cat'\) in every row"):
+        resolve_tasks(data, None, image_column="path")
+    with pytest.raises(ValueError, match=r"Column 'kind' holds one class \('cat'\) in every row.*--tasks kind:classification:cat\|OTHER"):
+        resolve_tasks(data, "kind", image_column="path")
+    _, tasks = resolve_tasks(data, "kind:classification:cat|dog", image_column="path")  # the suggested fix goes through
+    assert tasks[0].labels == ["cat", "dog"]

@@ -193,6 +193,14 @@ def resolve_tasks(
         for column in columns:
             _refuse_ambiguous(data, column)
         requests = [{"name": _task_name(c), "column": _column_if_renamed(c)} for c in columns if _candidate(data, c)]
+        if not requests:
+            single = [c for c in columns if _is_strings(data["train"].features[c]) and len({v for v in _all_values(data, c) if v is not None}) == 1]
+            if single:
+                value = next(v for v in _all_values(data, single[0]) if v is not None)
+                raise ValueError(
+                    f"Column {single[0]!r} holds one value ({value!r}) in every row, so there is nothing to learn from it "
+                    "and no other column names a task; add images of other classes, or add a label column."
+                )
         left_out = [c for c in columns if not _candidate(data, c) and _is_ints(data["train"].features[c])]
         if left_out:
             logger.warning(
@@ -405,6 +413,12 @@ def _task_spec(data: DatasetDict, column: str, request: dict[str, Any], image_co
             labels = [str(x) for x in stated_labels]
         elif num_labels is not None:
             labels = None
+        if kind == "classification" and labels is not None and len(labels) == 1:
+            raise ValueError(
+                f"Column {column!r} holds one class ({labels[0]!r}) in every row: a classification task needs at least "
+                f"two; add images of another class, or state the classes it can take: --tasks "
+                f"{request['name']}:classification:{labels[0]}|OTHER."
+            )
     elif kind == "regression":
         labels = [str(x) for x in stated_labels] if stated_labels else None
     try:
