@@ -275,3 +275,12 @@ def test_a_column_with_one_class_says_so_and_its_fix_works(tmp_path):
         resolve_tasks(data, "kind", image_column="path")
     _, tasks = resolve_tasks(data, "kind:classification:cat|dog", image_column="path")  # the suggested fix goes through
     assert tasks[0].labels == ["cat", "dog"]
+
+
+def test_a_float_image_in_0_1_is_scaled_not_blackened():
+    from hf_tlmtl.data.transforms import rgb_image
+
+    values = np.linspace(0.0, 1.0, 16, dtype=np.float32).reshape(4, 4)
+    image = PILImage.fromarray(values, mode="F")
+    assert np.asarray(image.convert("RGB")).max() <= 1  # what PIL alone gives: black
+    np.testing.assert_array_equal(np.asarray(rgb_image(image))[..., 0], np.rint(values * 255).astype(np.uint8))

@@ -76,9 +76,14 @@ def rgb_image(image: PILImage.Image) -> PILImage.Image:
     """``image`` as 8-bit RGB, the way timm's transforms read it; 16-bit grayscale is scaled, not clipped.
 
     PIL's ``convert("RGB")`` clips a 16-bit image to its lowest 8 bits' range (every value above 255 becomes
-    white), so the model would see another picture than the file holds: 16-bit modes
-    (:data:`SIXTEEN_BIT_MODES`, values 0..65535) are divided by 257 and rounded, which gives the 8-bit picture
-    of the same scene. Every other mode goes through ``convert("RGB")`` (palette, grayscale, RGBA, CMYK ...).
+    white), so the model would see another picture than the file holds. How each mode becomes RGB:
+
+    - 16-bit grayscale (:data:`SIXTEEN_BIT_MODES`, values 0..65535): divided by 257 and rounded, the 8-bit
+      picture of the same scene;
+    - 32-bit float (``F``, TIFF): values in [0, 1] are scaled by 255; other values are taken as 0..255 and clipped;
+    - everything else through PIL's ``convert("RGB")``: grayscale (``L``, ``1``) repeated over the channels,
+      palette (``P``) looked up, ``RGBA`` / ``LA`` with the alpha channel dropped (not composited), ``CMYK`` / ``YCbCr``
+      converted by PIL's formulas.
 
     Example:
         >>> import numpy as np
@@ -89,7 +94,11 @@ def rgb_image(image: PILImage.Image) -> PILImage.Image:
     """
     if image.mode == "RGB":
         return image
-    if image.mode in SIXTEEN_BIT_MODES:
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "F":
         values = np.asarray(image, dtype=np.float64)
-        image = PILImage.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
+        if image.mode != "F":
+            values = values / 257.0
+        elif values.size and np.nanmin(values) >= 0.0 and np.nanmax(values) <= 1.0:
+            values = values * 255.0
+        image = PILImage.fromarray(np.clip(np.rint(np.nan_to_num(values)), 0, 255).astype(np.uint8), mode="L")
     return image.convert("RGB")
