@@ -15,12 +15,15 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from . import _moved_modules
+from ._lazy import lazy_names
 from .configuration import TimmMultiTaskConfig
 from .hub.pipeline import PIPELINE_TASK, MultiTaskImageClassificationPipeline
 from .image_processing import TimmMultiTaskImageProcessor
 from .modeling import MultiTaskOutput, TimmMultiTaskModel
-from .multitask import TaskAffinityCallback, group_tasks
 from .tasks import TaskSpec
+
+# Training-time names load on first use: ``import hf_tlmtl`` for inference does not import datasets or scikit-learn.
+__getattr__, __dir__ = lazy_names(__name__, {"TaskAffinityCallback": "multitask.affinity", "group_tasks": "multitask.grouping"})
 
 __version__ = "0.1.0"
 

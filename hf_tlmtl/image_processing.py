@@ -17,6 +17,9 @@ Example:
     >>> processor = AutoImageProcessor.from_pretrained(d)
     >>> type(processor).__name__, processor(Image.new("RGB", (40, 50)))["pixel_values"].shape
     ('TimmMultiTaskImageProcessor', torch.Size([1, 3, 32, 32]))
+
+:func:`rgb_image` is how every image becomes RGB, in training and in the pipeline: 16-bit and float images are
+scaled, not clipped.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
+from PIL import Image as PILImage
 from transformers import TimmWrapperImageProcessor
 from transformers.image_processing_base import ImageProcessingMixin
 from transformers.utils import IMAGE_PROCESSOR_NAME
@@ -87,4 +92,40 @@ class TimmMultiTaskImageProcessor(TimmWrapperImageProcessor):
         return ImageProcessingMixin.save_pretrained(self, save_directory, push_to_hub=push_to_hub, **kwargs)
 
 
-__all__ = ["TimmMultiTaskImageProcessor"]
+SIXTEEN_BIT_MODES: tuple[str, ...] = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+"""PIL modes of 16-bit grayscale images (PNG, TIFF); ``I`` is how Pillow opens some 16-bit PNGs."""
+
+
+def rgb_image(image: PILImage.Image) -> PILImage.Image:
+    """``image`` as 8-bit RGB, the way timm's transforms read it; 16-bit grayscale is scaled, not clipped.
+
+    PIL's ``convert("RGB")`` clips a 16-bit image to its lowest 8 bits' range (every value above 255 becomes
+    white), so the model would see another picture than the file holds. How each mode becomes RGB:
+
+    - 16-bit grayscale (:data:`SIXTEEN_BIT_MODES`, values 0..65535): divided by 257 and rounded, the 8-bit
+      picture of the same scene;
+    - 32-bit float (``F``, TIFF): values in [0, 1] are scaled by 255; other values are taken as 0..255 and clipped;
+    - everything else through PIL's ``convert("RGB")``: grayscale (``L``, ``1``) repeated over the channels,
+      palette (``P``) looked up, ``RGBA`` / ``LA`` with the alpha channel dropped (not composited), ``CMYK`` / ``YCbCr``
+      converted by PIL's formulas.
+
+    Example:
+        >>> import numpy as np
+        >>> from PIL import Image
+        >>> deep = Image.fromarray(np.array([[0, 32896, 65535]], dtype=np.uint16))
+        >>> np.asarray(rgb_image(deep))[0, :, 0].tolist(), np.asarray(deep.convert("RGB"))[0, :, 0].tolist()
+        ([0, 128, 255], [0, 255, 255])
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode != "F":
+            values = values / 257.0
+        elif values.size and np.nanmin(values) >= 0.0 and np.nanmax(values) <= 1.0:
+            values = values * 255.0
+        image = PILImage.fromarray(np.clip(np.rint(np.nan_to_num(values)), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+__all__ = ["SIXTEEN_BIT_MODES", "TimmMultiTaskImageProcessor", "rgb_image"]

@@ -23,10 +23,11 @@ PACKAGE = Path(hf_tlmtl.__file__).parent
 FLOORS: dict[str, int] = {
     "tasks": 0,
     "_moved_modules": 0,
+    "_lazy": 0,
     "configuration": 1,
     "backbone": 2,
+    "image_processing": 2,
     "checkpoints": 3,
-    "image_processing": 3,
     "data": 3,
     "adapters": 3,
     "modeling": 4,
@@ -166,3 +167,14 @@ def test_an_unknown_name_at_an_old_path_says_where_the_module_went():
 
     with pytest.raises(AttributeError, match=r"moved to hf_tlmtl\.training\.arguments.*no attribute 'nothing_here'"):
         old.nothing_here
+
+
+def test_import_hf_tlmtl_stays_light():
+    """Registration and inference need neither datasets nor scikit-learn: the training-time names load on first use."""
+    import subprocess
+
+    code = ("import sys, hf_tlmtl; heavy = sorted({'datasets', 'sklearn', 'pandas', 'peft'} & set(sys.modules)); "
+            "from hf_tlmtl import TaskAffinityCallback, group_tasks; from hf_tlmtl.hub import create_model_card; "
+            "print(heavy, TaskAffinityCallback.__module__, create_model_card.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True).stdout
+    assert out.strip() == "[] hf_tlmtl.multitask.affinity hf_tlmtl.hub.cards"

@@ -278,7 +278,7 @@ def test_a_column_with_one_class_says_so_and_its_fix_works(tmp_path):
 
 
 def test_a_float_image_in_0_1_is_scaled_not_blackened():
-    from hf_tlmtl.data.transforms import rgb_image
+    from hf_tlmtl.image_processing import rgb_image
 
     values = np.linspace(0.0, 1.0, 16, dtype=np.float32).reshape(4, 4)
     image = PILImage.fromarray(values, mode="F")

@@ -22,8 +22,9 @@ from datasets import Dataset
 from PIL import Image as PILImage
 
 from ..configuration import TimmMultiTaskConfig
+from ..image_processing import rgb_image
 from .labels import LabelColumn, check_finite_labels, encode_labels, plan_label_columns, require_dataset
-from .transforms import as_config, build_transforms, rgb_image
+from .transforms import as_config, build_transforms
 
 FEATURES_COLUMN = "features"
 """Column (and model keyword) holding pooled backbone features in a feature cache."""

@@ -15,44 +15,19 @@ Example:
     {'y': {'mae': 0.5}}
 """
 
-from .adapter_card import create_adapter_card
-from .cards import (
-    ADAPTER_CARD_TEMPLATE,
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_TAGS,
-    CARD_NAME,
-    CARD_TAGS,
-    LIBRARY_NAME,
-    MODEL_CARD_TEMPLATE,
-    PIPELINE_TAG,
-    base_model_id,
-    create_model_card,
-    metrics_from_card,
-    normalize_metrics,
-    template_path,
-)
-from .pipeline import PIPELINE_TASK, MultiTaskImageClassificationPipeline
-from .push import DEFAULT_IGNORE_PATTERNS, PushToHubError, check_can_push, push_model_to_hub
+from .._lazy import lazy_names
 
-__all__ = [
-    "ADAPTER_CARD_TEMPLATE",
-    "ADAPTER_CONFIG_NAME",
-    "ADAPTER_TAGS",
-    "CARD_NAME",
-    "CARD_TAGS",
-    "DEFAULT_IGNORE_PATTERNS",
-    "LIBRARY_NAME",
-    "MODEL_CARD_TEMPLATE",
-    "PIPELINE_TAG",
-    "PIPELINE_TASK",
-    "MultiTaskImageClassificationPipeline",
-    "PushToHubError",
-    "base_model_id",
-    "check_can_push",
-    "create_adapter_card",
-    "create_model_card",
-    "metrics_from_card",
-    "normalize_metrics",
-    "push_model_to_hub",
-    "template_path",
-]
+_HOMES = {
+    "create_adapter_card": "adapter_card",
+    **dict.fromkeys(
+        ["ADAPTER_CARD_TEMPLATE", "ADAPTER_CONFIG_NAME", "ADAPTER_TAGS", "CARD_NAME", "CARD_TAGS", "LIBRARY_NAME",
+         "MODEL_CARD_TEMPLATE", "PIPELINE_TAG", "base_model_id", "create_model_card", "metrics_from_card",
+         "normalize_metrics", "template_path"],
+        "cards",
+    ),
+    **dict.fromkeys(["PIPELINE_TASK", "MultiTaskImageClassificationPipeline"], "pipeline"),
+    **dict.fromkeys(["DEFAULT_IGNORE_PATTERNS", "PushToHubError", "check_can_push", "push_model_to_hub"], "push"),
+}
+# Loaded on first use: the pipeline (imported by ``import hf_tlmtl``) must not pull in the cards' scikit-learn.
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)
+__all__ = sorted(_HOMES)

@@ -41,8 +41,7 @@ from transformers import Pipeline
 from transformers.image_utils import load_image
 
 from ..backbone.unwrap import unwrap
-from ..data.transforms import rgb_image
-from ..image_processing import TimmMultiTaskImageProcessor
+from ..image_processing import TimmMultiTaskImageProcessor, rgb_image
 from ..tasks import TaskSpec
 
 PIPELINE_TASK = "multitask-image-classification"
