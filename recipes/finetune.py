@@ -314,9 +314,12 @@ def main(argv: list[str]) -> dict[str, Any]:
     """Set up (bad input: one ``error:`` line, exit code 2, nothing written), then train and save."""
     run = run_or_exit(setup, argv)
     try:
-        return train_and_save(run)
+        summary = train_and_save(run)
     finally:  # the output folder is free for the next run (the process's end would free it too)
         unlock_output_dir(run.trainer.args.output_dir)
+    if torch.distributed.is_initialized():  # each process leaves its group: gloo can abort at exit otherwise
+        torch.distributed.destroy_process_group()
+    return summary
 
 
 if __name__ == "__main__":
