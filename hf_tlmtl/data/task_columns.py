@@ -192,7 +192,8 @@ def resolve_tasks(
     if tasks is None or (isinstance(tasks, str) and not tasks.strip()):
         for column in columns:
             _refuse_ambiguous(data, column)
-        requests = [{"name": _task_name(c), "column": _column_if_renamed(c)} for c in columns if _candidate(data, c)]
+        candidates = [c for c in columns if _candidate(data, c)]  # reads string columns: once
+        requests = [{"name": _task_name(c), "column": _column_if_renamed(c)} for c in candidates]
         if not requests:
             single = [c for c in columns if _is_strings(data["train"].features[c]) and len({v for v in _all_values(data, c) if v is not None}) == 1]
             if single:
@@ -201,7 +202,7 @@ def resolve_tasks(
                     f"Column {single[0]!r} holds one value ({value!r}) in every row, so there is nothing to learn from it "
                     "and no other column names a task; add images of other classes, or add a label column."
                 )
-        left_out = [c for c in columns if not _candidate(data, c) and _is_ints(data["train"].features[c])]
+        left_out = [c for c in columns if c not in candidates and _is_ints(data["train"].features[c])]
         if left_out:
             logger.warning(
                 "Integer column(s) %s left out of the inferred tasks: class indices and ids look the same. To train on "
